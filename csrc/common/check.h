@@ -1,0 +1,39 @@
+// Host-side error handling: every CUDA call and launch is checked and becomes a C++ exception that
+// pybind11 turns into a Python RuntimeError carrying CUDA's own message.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace zigspark {
+
+inline void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("zigspark._C: ") + what + " failed: " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// Our cudart is linked statically, so it keeps its own "current device"; set it to the tensor's device
+// before every launch. Raises a clear error on a machine without a GPU.
+inline void use_device(int device) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    throw std::runtime_error(std::string("zigspark._C: no CUDA device is available (") +
+                             (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") +
+                             "); run on a machine with an NVIDIA GPU, or use backend='reference'");
+  }
+  if (device < 0 || device >= count) {
+    throw std::runtime_error("zigspark._C: device index " + std::to_string(device) + " out of range (" +
+                             std::to_string(count) + " devices)");
+  }
+  cuda_check(cudaSetDevice(device), "cudaSetDevice");
+}
+
+inline void check_launch(const char* kernel) { cuda_check(cudaGetLastError(), kernel); }
+
+}  // namespace zigspark

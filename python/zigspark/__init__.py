@@ -1,0 +1,18 @@
+"""zigspark: fused GPU kernels for PyTorch with pure-PyTorch fallbacks.
+
+Every op takes ``backend="auto" | "cuda" | "triton" | "reference"``; see :func:`available_backends`.
+"""
+
+from ._version import __version__
+from .backends import available_backends, last_backends
+from .errors import BackendUnavailableError
+from .ops.stat_topk import stat_topk, stat_topk_threshold
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "last_backends",
+    "BackendUnavailableError",
+    "stat_topk",
+    "stat_topk_threshold",
+]

@@ -1,0 +1,85 @@
+"""Loading the optional CUDA extension ``zigspark._C`` and translating tensors into its raw arguments.
+
+_C includes no torch header: it receives data pointers, sizes, strides, a dtype code, the device index
+and the stream handle. Everything torch-specific (validation, allocation, streams) happens here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# Mirrors csrc/common/dtype.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+REBUILD_HINT = (
+    "rebuild zigspark with the CUDA toolkit on PATH: `ZIGSPARK_CUDA=1 pip install --no-build-isolation .` "
+    "(or `make install`); see `python -m zigspark env`"
+)
+
+_module = None
+_load_error: str | None = None
+_loaded = False
+
+
+def _load():
+    global _module, _load_error, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            _module = importlib.import_module("zigspark._C")
+        except ImportError as exc:
+            _load_error = f"{type(exc).__name__}: {exc}"
+    return _module
+
+
+def extension():
+    """The _C module, or raise an error that says why it is missing and how to build it."""
+    module = _load()
+    if module is None:
+        raise ImportError(f"zigspark._C is not available ({_load_error}); {REBUILD_HINT}")
+    return module
+
+
+def is_built() -> bool:
+    return _load() is not None
+
+
+def load_error() -> str | None:
+    _load()
+    return _load_error
+
+
+def compiled_archs() -> list[str]:
+    module = _load()
+    return [a for a in module.compiled_archs().split(";") if a] if module else []
+
+
+def supports_device(device: torch.device) -> str | None:
+    """None if _C has code that runs on `device`, else the reason."""
+    archs = compiled_archs()
+    major, minor = torch.cuda.get_device_capability(device)
+    cc = major * 10 + minor
+    for arch in archs:
+        kind, _, num = arch.partition("_")
+        base = int("".join(ch for ch in num if ch.isdigit()))
+        arch_specific = num[-1:] in ("a", "f")
+        if kind == "sm" and (base == cc or (not arch_specific and base // 10 == cc // 10 and base <= cc)):
+            return None
+        if kind == "compute" and base <= cc and not arch_specific:
+            return None
+    return (f"zigspark._C was compiled for {archs or 'no architecture'} but the GPU is sm_{cc}; rebuild with "
+            f"ZIGSPARK_CUDA_ARCHS='{major}.{minor}' pip install --no-build-isolation .")
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES[dtype]
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def stream_of(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream

@@ -1,0 +1,45 @@
+"""Argument checks shared by the public ops. Errors name the argument, what was expected and what came."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_float_tensor(name: str, t, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        expected = ", ".join(_dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name} must have a floating dtype ({expected}), got {_dtype_name(t.dtype)}; "
+                        f"convert it with {name}.float()")
+
+
+def check_dim(name: str, dim, ndim: int) -> int:
+    """Normalise a possibly negative dimension index, or raise ValueError."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    if ndim == 0:
+        raise ValueError(f"{name}={dim}: the tensor is 0-dimensional; give it at least one dimension")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimensions "
+                         f"(expected {-ndim} <= {name} < {ndim})")
+    return dim % ndim
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors on one device; returns it."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {listing}; move them with .to(device)")
+    return next(iter(devices.values()))
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its last dimension has stride 1 (what the kernels need), else a contiguous copy."""
+    return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()

@@ -1,0 +1,50 @@
+"""Test tiers (DESIGN.md §4) and shared fixtures.
+
+  cpu        always: reference ops, bad inputs, opcheck, gradcheck, compile, CLI
+  interpret  Triton kernels; on the CPU only with TRITON_INTERPRET=1 set before triton is imported, so
+             `make test` runs this tier in its own pytest process
+  build      the CUDA extension zigspark._C was built and imports
+  gpu        every backend x dtype at real sizes; skipped with the reason where there is no GPU
+
+Every test carries exactly one tier marker; `pytest -m <tier>` selects a tier.
+"""
+
+import os
+
+import pytest
+import torch
+
+from zigspark import _alloc, backends
+
+HAS_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    tiers = {"cpu", "interpret", "build", "gpu"}
+    for item in items:
+        marks = tiers & {m.name for m in item.iter_markers()}
+        if len(marks) != 1:
+            raise pytest.UsageError(f"{item.nodeid} must carry exactly one tier marker of {sorted(tiers)}, "
+                                    f"has {sorted(marks)}")
+        if "gpu" in marks and not HAS_GPU:
+            item.add_marker(pytest.mark.skip(reason="gpu tier: no CUDA device visible to torch on this machine"))
+        if "interpret" in marks and not (HAS_GPU or INTERPRET):
+            item.add_marker(pytest.mark.skip(
+                reason="interpret tier: needs a GPU or TRITON_INTERPRET=1 set before import (make test-interpret)"))
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    """Kernel outputs start as NaN, so an element a kernel fails to write cannot pass by luck."""
+    with _alloc.poison_outputs(True):
+        yield
+
+
+@pytest.fixture
+def triton_device():
+    """Where Triton kernels run in the interpret tier: the GPU if there is one, else the CPU interpreter."""
+    if HAS_GPU:
+        return torch.device("cuda")
+    assert backends.triton_interpreting()
+    return torch.device("cpu")
