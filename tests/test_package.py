@@ -39,6 +39,16 @@ def _fresh_venv(path: Path) -> Path:
     return python
 
 
+def _import_everything(python: Path, cwd: Path, extra: str) -> str:
+    """Import every module with the venv's python, check it is the venv's zigspark, run `extra`."""
+    code = ("import importlib, sys, torch, zigspark\n"
+            f"for m in {MODULES!r}: importlib.import_module(m)\n"
+            "assert zigspark.__file__.startswith(sys.prefix), zigspark.__file__\n" + extra)
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_wheel_installs_in_fresh_venv_and_imports_every_module(tmp_path):
     src = _copy_source(tmp_path / "src")
     wheels = tmp_path / "wheels"
@@ -53,17 +63,26 @@ def test_wheel_installs_in_fresh_venv_and_imports_every_module(tmp_path):
     python = _fresh_venv(tmp_path / "venv")
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], check=True,
                    capture_output=True)
-    code = ("import importlib, zigspark, sys\n"
-            f"for m in {MODULES!r}: importlib.import_module(m)\n"
-            "assert zigspark.__file__.startswith(sys.prefix), zigspark.__file__\n"
-            "import torch\n"
-            "y = zigspark.stat_topk(torch.randn(2, 64), 5)\n"
-            "print(zigspark._cuda.is_built())")
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str(has_nvcc)
+    out = _import_everything(python, tmp_path, "zigspark.stat_topk(torch.randn(2, 64), 5)\n"
+                                                "print(zigspark._cuda.is_built())")
+    assert out.strip() == str(has_nvcc)
     cli = subprocess.run([str(tmp_path / "venv" / "bin" / "zigspark"), "env"], capture_output=True, text=True)
     assert cli.returncode == 0 and "stat_topk" in cli.stdout, cli.stderr
+
+
+def test_pure_python_install_without_cuda(tmp_path):
+    """`pip install .` with ZIGSPARK_CUDA=0: everything imports, and backend='cuda' says how to get it."""
+    src = _copy_source(tmp_path / "src")
+    python = _fresh_venv(tmp_path / "venv")
+    env = {**os.environ, "ZIGSPARK_CUDA": "0"}
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
+                   check=True, capture_output=True, env=env)
+    out = _import_everything(python, tmp_path, "assert not zigspark._cuda.is_built()\n"
+                                                "try:\n"
+                                                "    zigspark.stat_topk(torch.randn(2, 8), 2, backend='cuda')\n"
+                                                "except zigspark.BackendUnavailableError as e:\n"
+                                                "    print(e)\n")
+    assert "zigspark._C is not built" in out and "ZIGSPARK_CUDA=1 pip install" in out, out
 
 
 def _setup_py(src: Path, env_overrides: dict):

@@ -13,6 +13,8 @@ of the row mostly hits L2, since the same program has just read it).
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -54,10 +56,11 @@ def _write_chunk(x, theta, y_ptrs, mask_ptrs, valid, WRITE_MASK: tl.constexpr):
 @triton.jit
 def _stat_topk_fwd_kernel(
     X, Y, MASK, MEAN, STD,
-    d, stride_x, stride_y, stride_mask, z,
+    d, stride_x, stride_y, stride_mask, z_hi, z_lo,
     BLOCK: tl.constexpr, RESIDENT: tl.constexpr, WRITE_MASK: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    z = (tl.zeros([], dtype=ACC) + z_hi) + z_lo  # float32 args, summed in the accumulation type
     x_row = X + row * stride_x
     y_row = Y + row * stride_y
     mask_row = MASK + row * stride_mask
@@ -86,10 +89,11 @@ def _stat_topk_fwd_kernel(
 @triton.jit
 def _stat_topk_bwd_kernel(
     G, X, MEAN, STD, DX,
-    d, stride_g, stride_x, stride_dx, z,
+    d, stride_g, stride_x, stride_dx, z_hi, z_lo,
     BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    z = (tl.zeros([], dtype=ACC) + z_hi) + z_lo  # float32 args, summed in the accumulation type
     g_row = G + row * stride_g
     x_row = X + row * stride_x
     dx_row = DX + row * stride_dx
@@ -115,6 +119,12 @@ def _stat_topk_bwd_kernel(
         tl.store(dx_row + offs, dx.to(DX.dtype.element_ty), mask=valid)
 
 
+def _split_float(z: float) -> tuple[float, float]:
+    """z as float32 hi + lo: Triton passes Python floats as float32, and float64 rows need z to ~1e-15."""
+    hi = struct.unpack("f", struct.pack("f", z))[0]
+    return hi, struct.unpack("f", struct.pack("f", z - hi))[0]
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -137,7 +147,7 @@ def stat_topk_fwd(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, m
     mask_arg = mask.view(torch.int8) if write_mask else y
     _stat_topk_fwd_kernel[(rows,)](
         x, y, mask_arg, mean, std,
-        d, x.stride(0), y.stride(0), mask.stride(0) if write_mask else 0, z,
+        d, x.stride(0), y.stride(0), mask.stride(0) if write_mask else 0, *_split_float(z),
         BLOCK=block, RESIDENT=resident, WRITE_MASK=write_mask, ACC=_acc_dtype(x.dtype), num_warps=num_warps,
     )
 
@@ -151,6 +161,6 @@ def stat_topk_bwd(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, std
     block, _, num_warps = _launch_config(d)
     _stat_topk_bwd_kernel[(rows,)](
         grad_y, x, mean, std, grad_x,
-        d, grad_y.stride(0), x.stride(0), grad_x.stride(0), z,
+        d, grad_y.stride(0), x.stride(0), grad_x.stride(0), *_split_float(z),
         BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=num_warps,
     )

@@ -22,12 +22,12 @@
 #include "common/check.h"
 #include "common/device_math.cuh"
 #include "common/dispatch.cuh"
+#include "common/row_launch.cuh"
 #include "stat_topk/stat_topk.h"
 
 namespace zigspark {
 namespace {
 
-constexpr int kMaxThreads = 1024;
 constexpr int kForwardResidentItems = 16;   // values per thread kept in registers (forward)
 constexpr int kBackwardResidentItems = 8;   // backward keeps x and g: half as many
 
@@ -224,37 +224,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// ---- launch configuration ----------------------------------------------------------------------------
-
-bool aligned(const void* p, int bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-// Vector width for this row layout: 16 bytes when every row start is 16-byte aligned, else scalar.
-template <typename T>
-int vector_width(int64_t d, std::initializer_list<std::pair<const void*, int64_t>> rows, const void* mask,
-                 int64_t mask_stride) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (d % kVec != 0) return 1;
-  for (auto [ptr, stride] : rows) {
-    if (!aligned(ptr, 16) || stride % kVec != 0) return 1;
-  }
-  if (mask != nullptr && (!aligned(mask, kVec) || mask_stride % kVec != 0)) return 1;
-  return kVec;
-}
-
-int threads_for(int64_t d, int per_thread) {
-  int64_t t = (d + per_thread - 1) / per_thread;
-  t = (t + 31) / 32 * 32;
-  return int(std::min<int64_t>(std::max<int64_t>(t, 32), kMaxThreads));
-}
-
-// Smallest power-of-two chunk count that covers the row with at most 1024 threads, or 0 if the row
-// needs more than `max_items` values per thread (then it streams).
-int resident_chunks(int64_t d, int vec, int max_items) {
-  for (int chunks = 1; chunks * vec <= max_items; chunks *= 2) {
-    if (d <= int64_t(kMaxThreads) * vec * chunks) return chunks;
-  }
-  return 0;
-}
+// ---- launch -------------------------------------------------------------------------------------------
 
 template <typename T>
 void forward_typed(const StatTopkForwardArgs& a) {
@@ -267,24 +237,19 @@ void forward_typed(const StatTopkForwardArgs& a) {
   A* mean = reinterpret_cast<A*>(a.mean);
   A* sigma = reinterpret_cast<A*>(a.std);
   const A z = A(a.z);
-  const int vec = vector_width<T>(a.d, {{x, a.x_row_stride}, {y, a.y_row_stride}}, mask, a.mask_row_stride);
-  const int chunks = vec == kVec ? resident_chunks(a.d, kVec, kForwardResidentItems) : 0;
   const dim3 grid(unsigned(a.rows));
-#define ZS_FWD_ARGS x, y, mask, mean, sigma, a.d, a.x_row_stride, a.y_row_stride, a.mask_row_stride, z
-  if (chunks > 0) {
-    const int threads = threads_for(a.d, kVec * chunks);
-    switch (chunks) {
-      case 1: fwd_resident<T, kVec, 1><<<grid, threads, 0, stream>>>(ZS_FWD_ARGS); break;
-      case 2: fwd_resident<T, kVec, 2><<<grid, threads, 0, stream>>>(ZS_FWD_ARGS); break;
-      case 4: fwd_resident<T, kVec, 4><<<grid, threads, 0, stream>>>(ZS_FWD_ARGS); break;
-      default: fwd_resident<T, kVec, 8><<<grid, threads, 0, stream>>>(ZS_FWD_ARGS); break;
-    }
-  } else if (vec == kVec) {
-    fwd_streaming<T, kVec><<<grid, threads_for(a.d, kVec), 0, stream>>>(ZS_FWD_ARGS);
-  } else {
-    fwd_streaming<T, 1><<<grid, threads_for(a.d, 1), 0, stream>>>(ZS_FWD_ARGS);
-  }
-#undef ZS_FWD_ARGS
+  const bool vectorizable =
+      rows_vectorizable<kVec>(a.d, {{x, a.x_row_stride}, {y, a.y_row_stride}}, mask, a.mask_row_stride);
+  launch_rows<kVec, kForwardResidentItems>(
+      a.d, vectorizable,
+      [&](auto chunks, int threads) {
+        fwd_resident<T, kVec, decltype(chunks)::value><<<grid, threads, 0, stream>>>(
+            x, y, mask, mean, sigma, a.d, a.x_row_stride, a.y_row_stride, a.mask_row_stride, z);
+      },
+      [&](auto vec, int threads) {
+        fwd_streaming<T, decltype(vec)::value><<<grid, threads, 0, stream>>>(
+            x, y, mask, mean, sigma, a.d, a.x_row_stride, a.y_row_stride, a.mask_row_stride, z);
+      });
   check_launch("stat_topk forward kernel launch");
 }
 
@@ -299,24 +264,19 @@ void backward_typed(const StatTopkBackwardArgs& a) {
   const A* mean = reinterpret_cast<const A*>(a.mean);
   const A* sigma = reinterpret_cast<const A*>(a.std);
   const A z = A(a.z);
-  const int vec = vector_width<T>(
-      a.d, {{g, a.grad_y_row_stride}, {x, a.x_row_stride}, {dx, a.grad_x_row_stride}}, nullptr, 0);
-  const int chunks = vec == kVec ? resident_chunks(a.d, kVec, kBackwardResidentItems) : 0;
   const dim3 grid(unsigned(a.rows));
-#define ZS_BWD_ARGS g, x, mean, sigma, dx, a.d, a.grad_y_row_stride, a.x_row_stride, a.grad_x_row_stride, z
-  if (chunks > 0) {
-    const int threads = threads_for(a.d, kVec * chunks);
-    switch (chunks) {
-      case 1: bwd_resident<T, kVec, 1><<<grid, threads, 0, stream>>>(ZS_BWD_ARGS); break;
-      case 2: bwd_resident<T, kVec, 2><<<grid, threads, 0, stream>>>(ZS_BWD_ARGS); break;
-      default: bwd_resident<T, kVec, 4><<<grid, threads, 0, stream>>>(ZS_BWD_ARGS); break;
-    }
-  } else if (vec == kVec) {
-    bwd_streaming<T, kVec><<<grid, threads_for(a.d, kVec), 0, stream>>>(ZS_BWD_ARGS);
-  } else {
-    bwd_streaming<T, 1><<<grid, threads_for(a.d, 1), 0, stream>>>(ZS_BWD_ARGS);
-  }
-#undef ZS_BWD_ARGS
+  const bool vectorizable = rows_vectorizable<kVec>(
+      a.d, {{g, a.grad_y_row_stride}, {x, a.x_row_stride}, {dx, a.grad_x_row_stride}});
+  launch_rows<kVec, kBackwardResidentItems>(
+      a.d, vectorizable,
+      [&](auto chunks, int threads) {
+        bwd_resident<T, kVec, decltype(chunks)::value><<<grid, threads, 0, stream>>>(
+            g, x, mean, sigma, dx, a.d, a.grad_y_row_stride, a.x_row_stride, a.grad_x_row_stride, z);
+      },
+      [&](auto vec, int threads) {
+        bwd_streaming<T, decltype(vec)::value><<<grid, threads, 0, stream>>>(
+            g, x, mean, sigma, dx, a.d, a.grad_y_row_stride, a.x_row_stride, a.grad_x_row_stride, z);
+      });
   check_launch("stat_topk backward kernel launch");
 }
 

@@ -29,6 +29,8 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _moments(x: torch.Tensor):
     xs = x.to(stat_dtype(x.dtype))
+    if xs.numel() == 0:  # no rows: nothing to reduce (and var_mean would warn)
+        return xs, xs.new_zeros(*xs.shape[:-1], 1), xs.new_zeros(*xs.shape[:-1], 1)
     var, mean = torch.var_mean(xs, dim=-1, correction=0, keepdim=True)  # one fused pass
     return xs, mean, var.sqrt()
 
