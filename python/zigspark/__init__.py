@@ -6,6 +6,9 @@ Every op takes ``backend="auto" | "cuda" | "triton" | "reference"``; see :func:`
 from ._version import __version__
 from .backends import available_backends, last_backends
 from .errors import BackendUnavailableError
+from . import orders
+from .ops.causal_conv1d import causal_conv1d
+from .ops.selective_scan import selective_scan
 from .ops.stat_topk import stat_topk, stat_topk_threshold
 
 __all__ = [
@@ -13,6 +16,9 @@ __all__ = [
     "available_backends",
     "last_backends",
     "BackendUnavailableError",
+    "orders",
+    "causal_conv1d",
+    "selective_scan",
     "stat_topk",
     "stat_topk_threshold",
 ]

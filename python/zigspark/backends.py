@@ -72,14 +72,18 @@ def _cuda_reason(device: torch.device) -> str | None:
 
 def unavailable_reason(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     """None if `backend` can run `op` on tensors of this device and dtype, else why not (with the fix)."""
+    if backend not in CHOICES[1:]:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    implemented = _OP_DTYPES.get(op)
+    if implemented is not None and backend not in implemented:
+        return (f"zigspark.{op} has no {backend} backend yet (it has: {', '.join(implemented)}); "
+                "use backend='reference' or 'auto'")
     if backend == "reference":
         reason = None
     elif backend == "triton":
         reason = _triton_reason(device)
-    elif backend == "cuda":
-        reason = _cuda_reason(device)
     else:
-        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+        reason = _cuda_reason(device)
     if reason is None and dtype is not None:
         supported = _OP_DTYPES.get(op, {}).get(backend)
         if supported is not None and dtype not in supported:

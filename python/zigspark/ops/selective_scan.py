@@ -1,0 +1,178 @@
+"""Selective scan (Mamba; mamba-ssm's selective_scan_fn semantics) along a scan order.
+
+    Δ_t = softplus(δ_t + bias) (if delta_softplus),  h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·B_t·u_t,
+    y_t = C_t·h_t + D·u_t,  out_t = y_t·silu(z_t) (if z)
+
+with the steps t visited in `order` (zigspark.orders): out = unpermute(scan(permute(inputs))), but the
+order is applied where the data is read and written, never by copying the tensors into scan order.
+
+Registered as ``zigspark::selective_scan_fwd`` / ``zigspark::selective_scan_bwd``. Backends today: the
+reference (chunked PyTorch; closed-form backward that recomputes the states). The Triton and CUDA
+kernels are the open part of issue #3.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends, orders
+from ..reference import selective_scan as ref
+from ..validation import check_float_tensor, check_same_device
+
+_IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PARAM_DTYPES = (torch.float32, torch.float64)
+backends.register_op("selective_scan", {"reference": _IO_DTYPES})
+
+
+def order_arguments(order, length: int, device: torch.device):
+    """An `order=` argument -> (params list for the custom op, index tensor or None)."""
+    order = orders.check_order(order, length, device)
+    if order is None:
+        return [], None
+    if isinstance(order, orders.ScanOrder):
+        return list(order.params), None
+    return [], order
+
+
+def order_index_of(order_params: list[int], order_index: Optional[torch.Tensor], length: int,
+                   device: torch.device) -> Optional[torch.Tensor]:
+    """Materialise the order for the reference backend (kernels compute built-in orders on the fly)."""
+    if order_index is not None:
+        return order_index
+    if not order_params:
+        return None
+    return orders.order_index(torch.arange(length, device=device), *order_params)
+
+
+# ---- custom ops --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("zigspark::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                       delta_softplus: bool, order_params: list[int], order_index: Optional[torch.Tensor],
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (batch, dim, L) in u's dtype, last_state (batch, dim, N) in float32/float64)."""
+    index = order_index_of(order_params, order_index, u.shape[-1], u.device)
+    with torch.no_grad():
+        out, last = ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, index)
+    return out, last.contiguous()
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_index, backend):
+    batch, dim, _ = u.shape
+    return torch.empty_like(u), u.new_empty((batch, dim, A.shape[1]), dtype=ref.compute_dtype(u.dtype))
+
+
+@torch.library.custom_op("zigspark::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(dout: torch.Tensor, dlast: Optional[torch.Tensor], u: torch.Tensor, delta: torch.Tensor,
+                       A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
+                       z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+                       order_params: list[int], order_index: Optional[torch.Tensor], backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor, torch.Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); an absent input gets an empty tensor."""
+    index = order_index_of(order_params, order_index, u.shape[-1], u.device)
+    grads = ref.selective_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index)
+    return tuple(u.new_empty((0,)) if g is None else g for g in grads)
+
+
+@selective_scan_bwd.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_index, backend):
+    empty = u.new_empty((0,))
+    return tuple(empty if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_index, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order_index)
+    ctx.delta_softplus, ctx.order_params, ctx.backend = delta_softplus, order_params, backend
+
+
+def _backward(ctx, dout, dlast):
+    u, delta, A, B, C, D, z, delta_bias, order_index = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    grads = selective_scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                               ctx.order_params, order_index, ctx.backend)
+    present = (u, delta, A, B, C, D, z, delta_bias)
+    return (*[None if t is None else g for t, g in zip(present, grads)], None, None, None, None)
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API --------------------------------------------------------------------------------------
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    check_float_tensor("u", u, _IO_DTYPES)
+    check_float_tensor("delta", delta, _IO_DTYPES)
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if length == 0 or dim == 0:
+        raise ValueError(f"u must have dim >= 1 and L >= 1, got shape {tuple(u.shape)}")
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        raise TypeError("A must be real: zigspark's selective scan does not support complex A")
+    check_float_tensor("A", A, _PARAM_DTYPES)
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim, N) = ({dim}, N), got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        check_float_tensor(name, M, _IO_DTYPES)
+        layouts = f"({dim}, {n}) constant, ({batch}, {n}, {length}) per step, or ({batch}, G, {n}, {length}) grouped"
+        if M.dim() == 2 and M.shape != (dim, n) or M.dim() == 3 and M.shape != (batch, n, length):
+            raise ValueError(f"{name} must be {layouts}; got shape {tuple(M.shape)}")
+        if M.dim() == 4:
+            if M.shape[0] != batch or M.shape[2:] != (n, length) or M.shape[1] < 1 or dim % M.shape[1]:
+                raise ValueError(f"{name} must be {layouts} with dim divisible by G; got shape {tuple(M.shape)}")
+        if M.dim() not in (2, 3, 4):
+            raise ValueError(f"{name} must be {layouts}; got shape {tuple(M.shape)}")
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None:
+            check_float_tensor(name, v, _PARAM_DTYPES)
+            if v.shape != (dim,):
+                raise ValueError(f"{name} must be (dim,) = ({dim},), got shape {tuple(v.shape)}")
+    if z is not None:
+        check_float_tensor("z", z, _IO_DTYPES)
+        if z.shape != u.shape:
+            raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    return check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, order=None, backend="auto"):
+    """Mamba's selective scan with mamba-ssm's shapes, along `order`.
+
+    Args:
+        u, delta: (batch, dim, L).  A: (dim, N), real float32.  D, delta_bias: (dim,) float32.
+        B, C: (dim, N) constant, (batch, N, L) per step, or (batch, G, N, L) grouped (dim divisible by G).
+        z: (batch, dim, L); the output is multiplied by silu(z).
+        order: None (raster), a zigspark.orders.ScanOrder (e.g. orders.zigzag(h, w, path)), or a LongTensor
+            permutation of 0..L−1: the steps are taken in that order; inputs and outputs stay in raster order.
+        return_last_state: also return the state after the last step of the order, (batch, dim, N) float32.
+        backend: "auto" | "cuda" | "triton" | "reference".
+
+    Returns:
+        out (batch, dim, L) in u's dtype [, last_state].
+
+    Example:
+        >>> import torch, zigspark
+        >>> from zigspark import orders
+        >>> b, d, h, w, n = 2, 8, 4, 6, 16
+        >>> u, delta = torch.randn(b, d, h * w), torch.rand(b, d, h * w)
+        >>> A, B, C = -torch.rand(d, n), torch.randn(b, n, h * w), torch.randn(b, n, h * w)
+        >>> out = zigspark.selective_scan(u, delta, A, B, C, order=orders.zigzag(h, w, path=3))
+        >>> out.shape
+        torch.Size([2, 8, 24])
+    """
+    device = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    order_params, order_index = order_arguments(order, u.shape[-1], device)
+    chosen = backends.resolve("selective_scan", backend, device, u.dtype)
+    out, last = torch.ops.zigspark.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                                      order_params, order_index, chosen)
+    return (out, last) if return_last_state else out

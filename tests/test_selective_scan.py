@@ -1,0 +1,229 @@
+"""zigspark.selective_scan and zigspark.causal_conv1d: the reference against a sequential loop, orders,
+gradients, registration and bad inputs (cpu tier). Kernel tiers arrive with the kernels (issue #3)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zigspark
+from zigspark import orders
+
+from zigspark.reference.selective_scan import sequential_selective_scan
+
+from numerics import max_abs_err
+
+pytestmark = pytest.mark.cpu
+
+
+def naive_scan(*args, **kw):
+    """Oracle of the oracle: one step at a time in float64 (no chunking, no parallel scan)."""
+    return sequential_selective_scan(*args, **kw, dtype=torch.float64)
+
+
+def make_inputs(batch=2, dim=4, length=37, n=16, bc="variable", groups=1, with_z=True, with_d=True,
+                with_bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    u = r(batch, dim, length).to(dtype)
+    delta = (0.5 * torch.rand(batch, dim, length, generator=g, dtype=torch.float64)).to(dtype)
+    A = -(0.5 + torch.rand(dim, n, generator=g, dtype=torch.float64))
+    shapes = {"constant": (dim, n), "variable": (batch, n, length), "grouped": (batch, groups, n, length)}
+    B, C = r(*shapes[bc]).to(dtype), r(*shapes[bc]).to(dtype)
+    D = r(dim) if with_d else None
+    z = r(batch, dim, length).to(dtype) if with_z else None
+    bias = 0.1 * r(dim) if with_bias else None
+    if dtype != torch.float64:
+        A, D, bias = A.float(), None if D is None else D.float(), None if bias is None else bias.float()
+    return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias)
+
+
+CASES = [
+    dict(length=1),
+    dict(length=37),
+    dict(length=100, n=1),
+    dict(length=70, n=64, dim=2),
+    dict(bc="constant"),
+    dict(bc="grouped", groups=2),
+    dict(bc="grouped", groups=1, dim=3),
+    dict(with_z=False, with_d=False, with_bias=False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("softplus", [False, True])
+def test_reference_matches_sequential_loop(case, softplus):
+    x = make_inputs(**case)
+    out, last = zigspark.selective_scan(**x, delta_softplus=softplus, return_last_state=True)
+    ref_out, ref_last = naive_scan(**x, delta_softplus=softplus)
+    assert max_abs_err(out, ref_out) < 1e-10
+    assert max_abs_err(last, ref_last) < 1e-10
+
+
+@pytest.mark.parametrize("bc", ["constant", "variable"])
+def test_float32_within_mamba_ssm_tolerance(bc):
+    x = make_inputs(length=300, bc=bc, dtype=torch.float32)
+    out, last = zigspark.selective_scan(**x, delta_softplus=True, return_last_state=True)
+    ref_out, ref_last = naive_scan(**x, delta_softplus=True)
+    torch.testing.assert_close(out.double(), ref_out, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last.double(), ref_last, rtol=6e-4, atol=2e-3)
+    assert out.dtype == torch.float32 and last.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_keep_dtype(dtype):
+    x = make_inputs(length=50, dtype=dtype)
+    out, last = zigspark.selective_scan(**x, return_last_state=True)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    ref_out, _ = naive_scan(**x)
+    assert max_abs_err(out, ref_out) < 0.05 * ref_out.abs().max().item()
+
+
+def permuted_case(order_tensor, **kw):
+    """Scan along `order` equals: permute every per-step input, scan in raster order, un-permute."""
+    x = make_inputs(**kw)
+    idx = order_tensor
+    gathered = {k: (v[..., idx] if v is not None and (k in ("u", "delta", "z") or (k in ("B", "C") and v.dim() > 2))
+                    else v) for k, v in x.items()}
+    ref_out, ref_last = naive_scan(**gathered, delta_softplus=True)
+    return x, ref_out[..., orders.inverse(idx)], ref_last
+
+
+@pytest.mark.parametrize("h,w", [(3, 5), (4, 4), (1, 7), (6, 3)])
+def test_all_zigzag_paths_equal_permute_scan_unpermute(h, w):
+    for path in range(8):
+        order = orders.zigzag(h, w, path)
+        x, expected, expected_last = permuted_case(order.indices(), length=h * w, bc="grouped", groups=2)
+        out, last = zigspark.selective_scan(**x, delta_softplus=True, return_last_state=True, order=order)
+        assert max_abs_err(out, expected) < 1e-10, f"path {path}"
+        assert max_abs_err(last, expected_last) < 1e-10, f"path {path}"
+
+
+@pytest.mark.parametrize("order", [torch.randperm(24, generator=torch.Generator().manual_seed(3)),
+                                   orders.temporal(2, 3, 4), orders.temporal(2, 3, 4, backward=True),
+                                   orders.zigzag(3, 4, 5, frames=2), orders.raster(24, reverse=True)],
+                         ids=["random", "temporal", "temporal-back", "video-spatial", "reversed"])
+def test_other_orders(order):
+    idx = order if isinstance(order, torch.Tensor) else order.indices()
+    x, expected, expected_last = permuted_case(idx, length=24, bc="constant")
+    out, last = zigspark.selective_scan(**x, delta_softplus=True, return_last_state=True, order=order)
+    assert max_abs_err(out, expected) < 1e-10
+    assert max_abs_err(last, expected_last) < 1e-10
+
+
+@pytest.mark.parametrize("bc", ["constant", "variable", "grouped"])
+def test_gradcheck_float64_all_inputs(bc):
+    x = make_inputs(batch=1, dim=2, length=9, n=3, bc=bc, groups=2)
+    names = [k for k, v in x.items() if v is not None]
+    order = orders.zigzag(3, 3, 5)
+
+    def f(*tensors):
+        kw = dict(zip(names, tensors))
+        out, last = zigspark.selective_scan(**kw, delta_softplus=True, return_last_state=True, order=order)
+        return out, last
+
+    inputs = tuple(x[k].detach().requires_grad_(True) for k in names)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("bc", ["constant", "variable", "grouped"])
+def test_closed_form_backward_matches_autograd_across_chunks(bc):
+    """L = 77 spans three chunks of the reference scan (gradcheck above stays inside one)."""
+    from zigspark.reference import selective_scan as ref
+
+    x = make_inputs(batch=2, dim=4, length=77, n=5, bc=bc, groups=2)
+    names = list(x)
+    index = orders.zigzag(7, 11, 6).indices()
+    leaves = {k: None if v is None else v.clone().requires_grad_(True) for k, v in x.items()}
+    out, last = ref.selective_scan(**leaves, delta_softplus=True, order_index=index)
+    dout, dlast = torch.randn_like(out), torch.randn_like(last)
+    present = [k for k in names if leaves[k] is not None]
+    auto = dict(zip(present, torch.autograd.grad((out, last), [leaves[k] for k in present], (dout, dlast))))
+    closed = dict(zip(names, ref.selective_scan_backward(dout, dlast, **x, delta_softplus=True, order_index=index)))
+    for k in present:
+        assert max_abs_err(closed[k], auto[k]) < 1e-9 * max(1.0, auto[k].abs().max().item()), k
+
+
+def test_opcheck_and_compile():
+    x = make_inputs(batch=1, dim=2, length=12, n=4, dtype=torch.float32)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True,
+            list(orders.zigzag(3, 4, 2).params), None, "reference")
+    torch.library.opcheck(torch.ops.zigspark.selective_scan_fwd.default, args)
+    torch.library.opcheck(torch.ops.zigspark.selective_scan_fwd.default,
+                          args[:9] + ([], torch.randperm(12), "reference"))
+    grads = (torch.randn(1, 2, 12), torch.randn(1, 2, 4))
+    torch.library.opcheck(torch.ops.zigspark.selective_scan_bwd.default, grads + args[:2] + args[2:])
+    order = orders.zigzag(3, 4, 1)
+    fn = lambda u: zigspark.selective_scan(u, x["delta"], x["A"], x["B"], x["C"], x["D"], order=order)  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x["u"]), fn(x["u"]))
+
+
+def test_bad_inputs():
+    x = make_inputs(length=12, dtype=torch.float32)
+    cases = [
+        (dict(u=x["u"].long()), TypeError, "u must have a floating dtype"),
+        (dict(u=x["u"][0]), ValueError, r"u must be \(batch, dim, L\)"),
+        (dict(delta=x["delta"][:, :, :5]), ValueError, "delta must have u's shape"),
+        (dict(A=x["A"][:, :3].contiguous().T), ValueError, r"A must be \(dim, N\)"),
+        (dict(A=x["A"].to(torch.complex64)), TypeError, "A must be real"),
+        (dict(B=x["B"][:, :, :5]), ValueError, "B must be"),
+        (dict(C=torch.randn(2, 3, 16, 12)), ValueError, "dim divisible by G"),
+        (dict(D=torch.randn(5)), ValueError, r"D must be \(dim,\)"),
+        (dict(z=x["z"][:1]), ValueError, "z must have u's shape"),
+        (dict(delta_bias=x["delta_bias"].half()), TypeError, "delta_bias must have a floating dtype"),
+        (dict(A=x["A"].to("meta")), ValueError, "same device"),
+    ]
+    for override, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            zigspark.selective_scan(**{**x, **override})
+    with pytest.raises(ValueError, match="covers 6 positions"):
+        zigspark.selective_scan(**x, order=orders.zigzag(2, 3, 0))
+    with pytest.raises(ValueError, match="permutation"):
+        zigspark.selective_scan(**x, order=torch.zeros(12, dtype=torch.long))
+    with pytest.raises(zigspark.BackendUnavailableError, match="no triton backend yet"):
+        zigspark.selective_scan(**x, backend="triton")
+
+
+# ---- causal conv1d -------------------------------------------------------------------------------------
+
+def naive_conv(x, weight, bias=None, silu=False):
+    x, weight = x.double(), weight.double()
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    out = torch.zeros(batch, dim, length, dtype=torch.float64)
+    for t in range(length):
+        for k in range(width):
+            s = t - (width - 1) + k
+            if s >= 0:
+                out[:, :, t] += weight[:, k] * x[:, :, s]
+    if bias is not None:
+        out += bias.double()[:, None]
+    return F.silu(out) if silu else out
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_matches_loop_along_orders(width, activation):
+    x = torch.randn(2, 3, 20, dtype=torch.float64)
+    weight, bias = torch.randn(3, width, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    out = zigspark.causal_conv1d(x, weight, bias, activation)
+    assert max_abs_err(out, naive_conv(x, weight, bias, activation is not None)) < 1e-12
+    order = orders.zigzag(4, 5, 3)
+    idx = order.indices()
+    expected = naive_conv(x[..., idx], weight, bias, activation is not None)[..., orders.inverse(idx)]
+    assert max_abs_err(zigspark.causal_conv1d(x, weight, bias, activation, order=order), expected) < 1e-12
+
+
+def test_causal_conv1d_gradcheck_opcheck_and_bad_inputs():
+    x = torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(6)
+    assert torch.autograd.gradcheck(lambda *t: zigspark.causal_conv1d(*t, "silu", order=perm), (x, w, b))
+    torch.library.opcheck(torch.ops.zigspark.causal_conv1d_fwd.default,
+                          (x.detach().float(), w.detach().float(), None, True, [0, 1, 6, 1, 0, 1], None, "reference"))
+    with pytest.raises(ValueError, match=r"weight must be \(dim, width\) = \(2, 2..4\)"):
+        zigspark.causal_conv1d(x, torch.randn(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="activation must be"):
+        zigspark.causal_conv1d(x, w, activation="relu")
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        zigspark.causal_conv1d(x.long(), w)
