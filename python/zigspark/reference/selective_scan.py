@@ -15,10 +15,12 @@ Backward (g = ∂L/∂y after the gate; a_t = exp(Δ_t·A), b_t = Δ_t·B_t·u_t
     ∂Δ_t = Σ_n (∂a_t·a_t·A + ∂h_t·B_t·u_t),  ∂A = Σ_t ∂a_t·a_t·Δ_t,  ∂B_t = ∂h_t·Δ_t·u_t
     ∂u_t = Σ_n ∂h_t·B_t·Δ_t + D·g_t,  ∂D = Σ_t g_t·u_t,  ∂δ = ∂Δ·sigmoid(δ + bias) with softplus
 
-Fast PyTorch: the L steps are cut into chunks of T. One loop of T steps runs every chunk at once from a
-zero state; one loop over the L/T chunks carries the state across chunk boundaries; then
-h_t = h_t^local + (Π_{s ≤ t in chunk} a_s)·h_carry. That is T + L/T Python steps instead of L, with
-only products of factors in (0, 1] (no exp of positive numbers, so no overflow).
+Fast PyTorch: the L steps are cut into L/T chunks of T ≈ √L steps, laid out step-major so every slice is
+contiguous. A loop of T steps runs all chunks at once from a zero state (giving y's local part and each
+chunk's end state and decay); a loop over the chunks carries the state across chunk boundaries; a second
+loop of T steps adds C_t·(Π_{s ≤ t in chunk} a_s)·h_carry to y. That is 2T + L/T Python steps instead of
+L, no (batch, dim, L, N) state tensor in the forward, and only products of factors in (0, 1] (no exp of
+positive numbers, so no overflow).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def reduce_bc(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.reshape(batch, groups, dim // groups, length, n).sum(2).transpose(2, 3)
 
 
-def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, order_index):
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, order_index, need_a=True):
     acc = compute_dtype(u.dtype)
     batch, dim, _ = u.shape
     u_s = permute_steps(u, order_index).to(acc)
@@ -94,25 +96,73 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, order_index):
     delta_s = F.softplus(pre) if delta_softplus else pre
     B_s = expand_bc(B if B.dim() == 2 else permute_steps(B, order_index), batch, dim).to(acc)
     C_s = expand_bc(C if C.dim() == 2 else permute_steps(C, order_index), batch, dim).to(acc)
-    a = torch.exp(delta_s[..., None] * A.to(acc)[:, None, :])
+    a = torch.exp(delta_s[..., None] * A.to(acc)[:, None, :]) if need_a else None
     return acc, u_s, pre, delta_s, B_s, C_s, a
 
 
+def _step_major(t: torch.Tensor, chunks: int, chunk: int) -> torch.Tensor:
+    """(..., L or 1, N) with L = chunks·chunk -> (chunk, ..., chunks or 1, N): slice [t] is contiguous."""
+    lead = t.shape[:-2]
+    if t.shape[-2] == 1:
+        return t.unsqueeze(0)
+    t = t.reshape(*lead, chunks, chunk, t.shape[-1])
+    return t.movedim(-2, 0).contiguous()
+
+
+def scan_outputs(a_log_rate: torch.Tensor, A: torch.Tensor, bu: torch.Tensor, B_s: torch.Tensor,
+                 C_s: torch.Tensor, chunk: int | None = None):
+    """y_t = C_t·h_t for all t and the final state, without materialising every state.
+
+    a_log_rate = Δ (batch, dim, L), bu = Δ·u (batch, dim, L), A (dim, N), B_s/C_s as from expand_bc.
+    """
+    batch, dim, length = a_log_rate.shape
+    chunk = chunk or max(8, int(round(length ** 0.5)))
+    chunks = -(-length // chunk)
+    pad = chunks * chunk - length
+    if pad:  # padded steps have Δ = 0: a = 1, b = 0, the identity
+        a_log_rate, bu = F.pad(a_log_rate, (0, pad)), F.pad(bu, (0, pad))
+        B_s = B_s if B_s.shape[2] == 1 else F.pad(B_s, (0, 0, 0, pad))
+        C_s = C_s if C_s.shape[2] == 1 else F.pad(C_s, (0, 0, 0, pad))
+    delta_t = _step_major(a_log_rate[..., None], chunks, chunk)        # (T, b, d, nc, 1)
+    bu_t = _step_major(bu[..., None], chunks, chunk)
+    B_t, C_t = _step_major(B_s, chunks, chunk), _step_major(C_s, chunks, chunk)
+    a_all = torch.exp(delta_t * A[:, None, :])                         # (T, b, d, nc, N), one pass
+    b_all = bu_t * B_t
+    pick = lambda M, t: M[t if M.shape[0] > 1 else 0]                   # noqa: E731  (constant B/C)
+    h = b_all[0]
+    decay = a_all[0]
+    y_local = [torch.linalg.vecdot(h, pick(C_t, 0))]
+    for t in range(1, chunk):                                            # all chunks from a zero state
+        h = torch.addcmul(b_all[t], a_all[t], h)
+        decay = decay * a_all[t]
+        y_local.append(torch.linalg.vecdot(h, pick(C_t, t)))
+    carry = [torch.zeros_like(h[:, :, 0])]
+    for c in range(chunks):                                              # state entering chunk c + 1
+        carry.append(torch.addcmul(h[:, :, c], decay[:, :, c], carry[-1]))
+    last_state = carry.pop()
+    p = torch.stack(carry, dim=2)                                        # state entering each chunk
+    y = []
+    for t in range(chunk):                                               # add the carried-in state
+        p = p * a_all[t]
+        y.append(y_local[t] + torch.linalg.vecdot(p, pick(C_t, t)))
+    y = torch.stack(y, dim=-1).reshape(batch, dim, chunks * chunk)[:, :, :length]
+    return y, last_state
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   order_index: torch.Tensor | None = None, chunk: int = 32):
+                   order_index: torch.Tensor | None = None, chunk: int | None = None):
     """(out, last_state): out (batch, dim, L) in u's dtype and raster order, last_state (batch, dim, N)
     in the compute dtype — the state after the last step of the order. Differentiable by autograd."""
-    acc, u_s, _, delta_s, B_s, C_s, a = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, order_index)
-    b = (delta_s * u_s)[..., None] * B_s
-    states = chunked_linear_scan(a, b, chunk)
-    y = (states * C_s).sum(-1)
+    acc, u_s, _, delta_s, B_s, C_s, _ = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, order_index,
+                                                 need_a=False)
+    y, last_state = scan_outputs(delta_s, A.to(acc), delta_s * u_s, B_s, C_s, chunk)
     if D is not None:
         y = y + D.to(acc)[:, None] * u_s
     if z is not None:
         y = y * F.silu(permute_steps(z, order_index).to(acc))
     if order_index is not None:                          # back to raster: out[order[t]] = y[t]
         y = y.index_select(-1, inverse(order_index))
-    return y.to(u.dtype), states[:, :, -1]
+    return y.to(u.dtype), last_state
 
 
 def selective_scan_backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -175,16 +225,15 @@ def sequential_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None
         delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    B_all, C_all = expand_bc(B, batch, dim), expand_bc(C, batch, dim)
-
-    def at(M, t):  # (batch or 1, dim, N) at step t
-        return M[:, :, 0] if M.shape[2] == 1 else M[:, :, t]
-
+    # As mamba-ssm's selective_scan_ref: the factors of every step first, then one short step per t.
+    a_all = torch.exp(delta[..., None] * A[:, None, :])                  # (batch, dim, L, N)
+    b_all = (delta * u)[..., None] * expand_bc(B, batch, dim)
+    C_all = expand_bc(C, batch, dim)
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     for t in range(length):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * at(B_all, t)
-        ys.append((h * at(C_all, t)).sum(-1))
+        h = a_all[:, :, t] * h + b_all[:, :, t]
+        ys.append(torch.linalg.vecdot(h, C_all[:, :, t if C_all.shape[2] > 1 else 0]))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u
