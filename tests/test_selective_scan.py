@@ -1,5 +1,6 @@
 """zigspark.selective_scan and zigspark.causal_conv1d: the reference against a sequential loop, orders,
-gradients, registration and bad inputs (cpu tier). Kernel tiers arrive with the kernels (issue #3)."""
+gradients, registration and bad inputs (cpu tier); the Triton kernels on tiny shapes (interpret tier) and
+at real sizes (gpu tier)."""
 
 import pytest
 import torch
@@ -10,9 +11,9 @@ from zigspark import orders
 
 from zigspark.reference.selective_scan import sequential_selective_scan
 
-from numerics import max_abs_err
+from numerics import assert_by_rule, max_abs_err
 
-pytestmark = pytest.mark.cpu
+cpu = pytest.mark.cpu
 
 
 def naive_scan(*args, **kw):
@@ -49,6 +50,7 @@ CASES = [
 ]
 
 
+@cpu
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("softplus", [False, True])
 def test_reference_matches_sequential_loop(case, softplus):
@@ -59,6 +61,7 @@ def test_reference_matches_sequential_loop(case, softplus):
     assert max_abs_err(last, ref_last) < 1e-10
 
 
+@cpu
 @pytest.mark.parametrize("bc", ["constant", "variable"])
 def test_float32_within_mamba_ssm_tolerance(bc):
     x = make_inputs(length=300, bc=bc, dtype=torch.float32)
@@ -69,6 +72,7 @@ def test_float32_within_mamba_ssm_tolerance(bc):
     assert out.dtype == torch.float32 and last.dtype == torch.float32
 
 
+@cpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_keep_dtype(dtype):
     x = make_inputs(length=50, dtype=dtype)
@@ -88,6 +92,7 @@ def permuted_case(order_tensor, **kw):
     return x, ref_out[..., orders.inverse(idx)], ref_last
 
 
+@cpu
 @pytest.mark.parametrize("h,w", [(3, 5), (4, 4), (1, 7), (6, 3)])
 def test_all_zigzag_paths_equal_permute_scan_unpermute(h, w):
     for path in range(8):
@@ -102,6 +107,7 @@ def test_all_zigzag_paths_equal_permute_scan_unpermute(h, w):
                                    orders.temporal(2, 3, 4), orders.temporal(2, 3, 4, backward=True),
                                    orders.zigzag(3, 4, 5, frames=2), orders.raster(24, reverse=True)],
                          ids=["random", "temporal", "temporal-back", "video-spatial", "reversed"])
+@cpu
 def test_other_orders(order):
     idx = order if isinstance(order, torch.Tensor) else order.indices()
     x, expected, expected_last = permuted_case(idx, length=24, bc="constant")
@@ -110,6 +116,7 @@ def test_other_orders(order):
     assert max_abs_err(last, expected_last) < 1e-10
 
 
+@cpu
 @pytest.mark.parametrize("bc", ["constant", "variable", "grouped"])
 def test_gradcheck_float64_all_inputs(bc):
     x = make_inputs(batch=1, dim=2, length=9, n=3, bc=bc, groups=2)
@@ -125,6 +132,7 @@ def test_gradcheck_float64_all_inputs(bc):
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@cpu
 @pytest.mark.parametrize("bc", ["constant", "variable", "grouped"])
 def test_closed_form_backward_matches_autograd_across_chunks(bc):
     """L = 77 spans three chunks of the reference scan (gradcheck above stays inside one)."""
@@ -143,6 +151,7 @@ def test_closed_form_backward_matches_autograd_across_chunks(bc):
         assert max_abs_err(closed[k], auto[k]) < 1e-9 * max(1.0, auto[k].abs().max().item()), k
 
 
+@cpu
 def test_opcheck_and_compile():
     x = make_inputs(batch=1, dim=2, length=12, n=4, dtype=torch.float32)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True,
@@ -151,12 +160,14 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.zigspark.selective_scan_fwd.default,
                           args[:9] + ([], torch.randperm(12), "reference"))
     grads = (torch.randn(1, 2, 12), torch.randn(1, 2, 4))
-    torch.library.opcheck(torch.ops.zigspark.selective_scan_bwd.default, grads + args[:2] + args[2:])
+    torch.library.opcheck(torch.ops.zigspark.selective_scan_bwd.default,
+                          grads + args[:8] + (torch.empty(0),) + args[8:])
     order = orders.zigzag(3, 4, 1)
     fn = lambda u: zigspark.selective_scan(u, x["delta"], x["A"], x["B"], x["C"], x["D"], order=order)  # noqa: E731
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x["u"]), fn(x["u"]))
 
 
+@cpu
 def test_bad_inputs():
     x = make_inputs(length=12, dtype=torch.float32)
     cases = [
@@ -179,8 +190,8 @@ def test_bad_inputs():
         zigspark.selective_scan(**x, order=orders.zigzag(2, 3, 0))
     with pytest.raises(ValueError, match="permutation"):
         zigspark.selective_scan(**x, order=torch.zeros(12, dtype=torch.long))
-    with pytest.raises(zigspark.BackendUnavailableError, match="no triton backend yet"):
-        zigspark.selective_scan(**x, backend="triton")
+    with pytest.raises(zigspark.BackendUnavailableError, match="no cuda backend yet"):
+        zigspark.selective_scan(**x, backend="cuda")
 
 
 # ---- causal conv1d -------------------------------------------------------------------------------------
@@ -200,6 +211,7 @@ def naive_conv(x, weight, bias=None, silu=False):
     return F.silu(out) if silu else out
 
 
+@cpu
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_causal_conv1d_matches_loop_along_orders(width, activation):
@@ -213,6 +225,7 @@ def test_causal_conv1d_matches_loop_along_orders(width, activation):
     assert max_abs_err(zigspark.causal_conv1d(x, weight, bias, activation, order=order), expected) < 1e-12
 
 
+@cpu
 def test_causal_conv1d_gradcheck_opcheck_and_bad_inputs():
     x = torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
@@ -227,3 +240,70 @@ def test_causal_conv1d_gradcheck_opcheck_and_bad_inputs():
         zigspark.causal_conv1d(x, w, activation="relu")
     with pytest.raises(TypeError, match="x must have a floating dtype"):
         zigspark.causal_conv1d(x.long(), w)
+
+
+# ---- kernels: interpret tier (tiny shapes) and gpu tier (real sizes) ----------------------------------
+
+def check_scan_backend(backend, device, dtype, order=None, dlast=True, rel_floor=2e-5, **case):
+    """Kernel vs reference (float64 and the kernel's dtype) by the numerics rule, outputs and gradients."""
+    x = {k: None if v is None else v.to(device) for k, v in make_inputs(dtype=torch.float64, **case).items()}
+    lowp = {k: None if v is None else (v.to(dtype) if k in ("u", "delta", "z", "B", "C") else v.float())
+            for k, v in x.items()}
+    names = [k for k in x if x[k] is not None]
+
+    def run(inputs, which):
+        leaves = {k: None if v is None else v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+        out, last = zigspark.selective_scan(**leaves, delta_softplus=True, return_last_state=True, order=order,
+                                            backend=which)
+        torch.manual_seed(7)
+        g = torch.randn(out.shape, dtype=torch.float64, device=device)
+        gl = torch.randn(last.shape, dtype=torch.float64, device=device) if dlast else None
+        outputs, grads_out = [out], [g.to(out.dtype)]
+        if dlast:
+            outputs.append(last)
+            grads_out.append(gl.to(last.dtype))
+        grads = torch.autograd.grad(outputs, [leaves[k] for k in names], grads_out)
+        return out.detach(), last.detach(), dict(zip(names, grads))
+
+    out, last, grads = run(lowp, backend)
+    out64, last64, grads64 = run(x, "reference")
+    outl, lastl, gradsl = run(lowp, "reference")
+    assert_by_rule(out, out64, outl, what=f"{backend} out", rel_floor=rel_floor)
+    assert_by_rule(last, last64, lastl, what=f"{backend} last_state", rel_floor=rel_floor)
+    for k in names:
+        assert_by_rule(grads[k], grads64[k], gradsl[k], factor=3, what=f"{backend} d{k}", rel_floor=rel_floor)
+
+
+INTERPRET_CASES = [
+    dict(length=35, order=orders.zigzag(5, 7, 5), bc="grouped", groups=2),
+    dict(length=37, order=torch.randperm(37, generator=torch.Generator().manual_seed(1)), dim=3, n=3),
+    dict(length=70, order=orders.temporal(2, 5, 7, backward=True), bc="constant", dim=2),
+    dict(length=1, dim=2, n=4),
+    dict(length=24, order=orders.raster(24, reverse=True), with_z=False, with_d=False, with_bias=False, dim=2),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"L{c['length']}")
+def test_triton_scan_matches_reference(triton_device, dtype, case):
+    check_scan_backend("triton", triton_device, dtype, batch=1, **case)
+
+
+@pytest.mark.interpret
+def test_triton_scan_without_last_state_gradient(triton_device):
+    check_scan_backend("triton", triton_device, torch.float32, dlast=False, batch=2, dim=2, length=20,
+                       order=orders.zigzag(4, 5, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    dict(batch=2, dim=64, length=1024, n=16, order=orders.zigzag(32, 32, 3)),
+    dict(batch=1, dim=48, length=4097, n=16, bc="grouped", groups=4, order=torch.randperm(4097)),
+    dict(batch=2, dim=16, length=960, n=64, bc="constant", order=orders.zigzag(24, 40, 6)),
+    dict(batch=1, dim=8, length=1, n=1),
+    dict(batch=1, dim=32, length=2 * 16 * 16, n=16, order=orders.temporal(2, 16, 16)),
+], ids=lambda c: f"L{c['length']}-N{c['n']}")
+def test_gpu_triton_scan_matches_reference(dtype, case):
+    check_scan_backend("triton", torch.device("cuda"), dtype, **case)

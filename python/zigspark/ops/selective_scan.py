@@ -7,8 +7,8 @@ with the steps t visited in `order` (zigspark.orders): out = unpermute(scan(perm
 order is applied where the data is read and written, never by copying the tensors into scan order.
 
 Registered as ``zigspark::selective_scan_fwd`` / ``zigspark::selective_scan_bwd``. Backends today: the
-reference (chunked PyTorch; closed-form backward that recomputes the states). The Triton and CUDA
-kernels are the open part of issue #3.
+reference (chunked PyTorch; closed-form backward that recomputes the states) and Triton (forward and
+backward; the order is computed inside the kernel). The CUDA kernels are the open part of issue #3.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from ..validation import check_float_tensor, check_same_device
 
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAM_DTYPES = (torch.float32, torch.float64)
-backends.register_op("selective_scan", {"reference": _IO_DTYPES})
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_N = 256  # the state of a block of channels lives in registers
+backends.register_op("selective_scan", {"reference": _IO_DTYPES, "triton": _KERNEL_DTYPES})
 
 
 def order_arguments(order, length: int, device: torch.device):
@@ -52,51 +54,79 @@ def order_index_of(order_params: list[int], order_index: Optional[torch.Tensor],
 def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                        D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
                        delta_softplus: bool, order_params: list[int], order_index: Optional[torch.Tensor],
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out (batch, dim, L) in u's dtype, last_state (batch, dim, N) in float32/float64)."""
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out (batch, dim, L) in u's dtype, last_state (batch, dim, N) in float32/float64, checkpoints:
+    the state entering each chunk, (batch, dim, chunks, N), saved for the kernels' backward; empty for
+    the reference)."""
+    if backend == "triton":
+        from ..triton_kernels import selective_scan as kernels
+
+        return kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params,
+                                          order_index)
     index = order_index_of(order_params, order_index, u.shape[-1], u.device)
     with torch.no_grad():
         out, last = ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, index)
-    return out, last.contiguous()
+    return out, last.contiguous(), u.new_empty((0,), dtype=torch.float32)
+
+
+def _n_chunks(length: int) -> int:
+    from ..triton_kernels.selective_scan import _config
+
+    return -(-length // _config(1, 1, length)[2])
 
 
 @selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_index, backend):
-    batch, dim, _ = u.shape
-    return torch.empty_like(u), u.new_empty((batch, dim, A.shape[1]), dtype=ref.compute_dtype(u.dtype))
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    last = u.new_empty((batch, dim, n), dtype=ref.compute_dtype(u.dtype))
+    ckpt = (u.new_empty((batch, dim, _n_chunks(length), n), dtype=torch.float32) if backend == "triton"
+            else u.new_empty((0,), dtype=torch.float32))
+    return torch.empty_like(u), last, ckpt
 
 
 @torch.library.custom_op("zigspark::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(dout: torch.Tensor, dlast: Optional[torch.Tensor], u: torch.Tensor, delta: torch.Tensor,
                        A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
-                       z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
-                       order_params: list[int], order_index: Optional[torch.Tensor], backend: str
+                       z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], checkpoints: torch.Tensor,
+                       delta_softplus: bool, order_params: list[int], order_index: Optional[torch.Tensor],
+                       backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor]:
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); an absent input gets an empty tensor."""
-    index = order_index_of(order_params, order_index, u.shape[-1], u.device)
-    grads = ref.selective_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, index)
+    if backend == "triton":
+        from ..triton_kernels import selective_scan as kernels
+
+        grads = kernels.selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, checkpoints,
+                                           delta_softplus, order_params, order_index)
+    else:
+        index = order_index_of(order_params, order_index, u.shape[-1], u.device)
+        grads = ref.selective_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                            index)
     return tuple(u.new_empty((0,)) if g is None else g for g in grads)
 
 
 @selective_scan_bwd.register_fake
-def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_index, backend):
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, checkpoints, delta_softplus, order_params, order_index,
+      backend):
     empty = u.new_empty((0,))
     return tuple(empty if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
 
 
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_index, backend = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order_index)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order_index, output[2])
+    ctx.mark_non_differentiable(output[2])
     ctx.delta_softplus, ctx.order_params, ctx.backend = delta_softplus, order_params, backend
 
 
-def _backward(ctx, dout, dlast):
-    u, delta, A, B, C, D, z, delta_bias, order_index = ctx.saved_tensors
+def _backward(ctx, dout, dlast, dcheckpoints):
+    u, delta, A, B, C, D, z, delta_bias, order_index, checkpoints = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
-    grads = selective_scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
-                               ctx.order_params, order_index, ctx.backend)
+    grads = selective_scan_bwd(dout.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C,
+                               D, z, delta_bias, checkpoints, ctx.delta_softplus, ctx.order_params, order_index,
+                               ctx.backend)
     present = (u, delta, A, B, C, D, z, delta_bias)
     return (*[None if t is None else g for t, g in zip(present, grads)], None, None, None, None)
 
@@ -173,6 +203,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     device = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     order_params, order_index = order_arguments(order, u.shape[-1], device)
     chosen = backends.resolve("selective_scan", backend, device, u.dtype)
-    out, last = torch.ops.zigspark.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                                      order_params, order_index, chosen)
+    n = A.shape[1]
+    if chosen != "reference" and n > KERNEL_MAX_N:
+        if backend != "auto":
+            raise ValueError(f"selective_scan: N = {n} is too large for the {chosen} kernel (at most "
+                             f"{KERNEL_MAX_N}); use backend='reference'")
+        chosen = "reference"
+    if chosen != "reference":  # the kernels index u, delta, z, B, C as contiguous tensors
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
+    out, last, _ = torch.ops.zigspark.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                         bool(delta_softplus), order_params, order_index, chosen)
     return (out, last) if return_last_state else out
