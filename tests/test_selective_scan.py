@@ -1,10 +1,9 @@
-"""zigspark.selective_scan and zigspark.causal_conv1d: the reference against a sequential loop, orders,
+"""zigspark.selective_scan: the reference against a sequential loop, orders,
 gradients, registration and bad inputs (cpu tier); the Triton kernels on tiny shapes (interpret tier) and
 at real sizes (gpu tier)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import zigspark
 from zigspark import orders
@@ -192,54 +191,6 @@ def test_bad_inputs():
         zigspark.selective_scan(**x, order=torch.zeros(12, dtype=torch.long))
     with pytest.raises(zigspark.BackendUnavailableError, match="no cuda backend yet"):
         zigspark.selective_scan(**x, backend="cuda")
-
-
-# ---- causal conv1d -------------------------------------------------------------------------------------
-
-def naive_conv(x, weight, bias=None, silu=False):
-    x, weight = x.double(), weight.double()
-    batch, dim, length = x.shape
-    width = weight.shape[1]
-    out = torch.zeros(batch, dim, length, dtype=torch.float64)
-    for t in range(length):
-        for k in range(width):
-            s = t - (width - 1) + k
-            if s >= 0:
-                out[:, :, t] += weight[:, k] * x[:, :, s]
-    if bias is not None:
-        out += bias.double()[:, None]
-    return F.silu(out) if silu else out
-
-
-@cpu
-@pytest.mark.parametrize("width", [2, 3, 4])
-@pytest.mark.parametrize("activation", [None, "silu"])
-def test_causal_conv1d_matches_loop_along_orders(width, activation):
-    x = torch.randn(2, 3, 20, dtype=torch.float64)
-    weight, bias = torch.randn(3, width, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    out = zigspark.causal_conv1d(x, weight, bias, activation)
-    assert max_abs_err(out, naive_conv(x, weight, bias, activation is not None)) < 1e-12
-    order = orders.zigzag(4, 5, 3)
-    idx = order.indices()
-    expected = naive_conv(x[..., idx], weight, bias, activation is not None)[..., orders.inverse(idx)]
-    assert max_abs_err(zigspark.causal_conv1d(x, weight, bias, activation, order=order), expected) < 1e-12
-
-
-@cpu
-def test_causal_conv1d_gradcheck_opcheck_and_bad_inputs():
-    x = torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    perm = torch.randperm(6)
-    assert torch.autograd.gradcheck(lambda *t: zigspark.causal_conv1d(*t, "silu", order=perm), (x, w, b))
-    torch.library.opcheck(torch.ops.zigspark.causal_conv1d_fwd.default,
-                          (x.detach().float(), w.detach().float(), None, True, [0, 1, 6, 1, 0, 1], None, "reference"))
-    with pytest.raises(ValueError, match=r"weight must be \(dim, width\) = \(2, 2..4\)"):
-        zigspark.causal_conv1d(x, torch.randn(2, 5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="activation must be"):
-        zigspark.causal_conv1d(x, w, activation="relu")
-    with pytest.raises(TypeError, match="x must have a floating dtype"):
-        zigspark.causal_conv1d(x.long(), w)
 
 
 # ---- kernels: interpret tier (tiny shapes) and gpu tier (real sizes) ----------------------------------

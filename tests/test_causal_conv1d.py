@@ -1,0 +1,95 @@
+"""zigspark.causal_conv1d: reference against a loop along orders, gradients, registration, bad inputs
+(cpu tier); the Triton kernels by the numerics rule (interpret and gpu tiers)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zigspark
+from zigspark import orders
+
+from numerics import assert_by_rule, max_abs_err
+
+cpu = pytest.mark.cpu
+
+
+def naive_conv(x, weight, bias=None, silu=False):
+    x, weight = x.double(), weight.double()
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    out = torch.zeros(batch, dim, length, dtype=torch.float64)
+    for t in range(length):
+        for k in range(width):
+            s = t - (width - 1) + k
+            if s >= 0:
+                out[:, :, t] += weight[:, k] * x[:, :, s]
+    if bias is not None:
+        out += bias.double()[:, None]
+    return F.silu(out) if silu else out
+
+
+@cpu
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_matches_loop_along_orders(width, activation):
+    x = torch.randn(2, 3, 20, dtype=torch.float64)
+    weight, bias = torch.randn(3, width, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    out = zigspark.causal_conv1d(x, weight, bias, activation)
+    assert max_abs_err(out, naive_conv(x, weight, bias, activation is not None)) < 1e-12
+    order = orders.zigzag(4, 5, 3)
+    idx = order.indices()
+    expected = naive_conv(x[..., idx], weight, bias, activation is not None)[..., orders.inverse(idx)]
+    assert max_abs_err(zigspark.causal_conv1d(x, weight, bias, activation, order=order), expected) < 1e-12
+
+
+@cpu
+def test_causal_conv1d_gradcheck_opcheck_and_bad_inputs():
+    x = torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(6)
+    assert torch.autograd.gradcheck(lambda *t: zigspark.causal_conv1d(*t, "silu", order=perm), (x, w, b))
+    torch.library.opcheck(torch.ops.zigspark.causal_conv1d_fwd.default,
+                          (x.detach().float(), w.detach().float(), None, True, [0, 1, 6, 1, 0, 1], None, "reference"))
+    with pytest.raises(ValueError, match=r"weight must be \(dim, width\) = \(2, 2..4\)"):
+        zigspark.causal_conv1d(x, torch.randn(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="activation must be"):
+        zigspark.causal_conv1d(x, w, activation="relu")
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        zigspark.causal_conv1d(x.long(), w)
+
+
+def check_conv_backend(backend, device, dtype, batch, dim, length, width, activation, order=None, bias=True):
+    torch.manual_seed(length * 31 + width)
+    x64 = torch.randn(batch, dim, length, dtype=torch.float64, device=device)
+    w64 = torch.randn(dim, width, dtype=torch.float64, device=device)
+    b64 = torch.randn(dim, dtype=torch.float64, device=device) if bias else None
+    g64 = torch.randn(batch, dim, length, dtype=torch.float64, device=device)
+
+    def run(dt, which):
+        leaves = [t if t is None else t.to(dt).requires_grad_(True) for t in (x64, w64, b64)]
+        out = zigspark.causal_conv1d(*leaves, activation, order=order, backend=which)
+        present = [t for t in leaves if t is not None]
+        return [out.detach()] + list(torch.autograd.grad(out, present, g64.to(dt)))
+
+    kernel, ref64, reflow = run(dtype, backend), run(torch.float64, "reference"), run(dtype, "reference")
+    for name, a, b, c in zip(["out", "dx", "dweight", "dbias"], kernel, ref64, reflow):
+        assert_by_rule(a, b, c, factor=2 if name == "out" else 3, what=f"{backend} {name}", rel_floor=1e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("width,activation,order", [
+    (2, None, None), (3, "silu", orders.zigzag(4, 5, 7)), (4, "silu", torch.randperm(20)),
+    (4, None, orders.temporal(2, 2, 5, backward=True))])
+def test_triton_conv_matches_reference(triton_device, dtype, width, activation, order):
+    check_conv_backend("triton", triton_device, dtype, 2, 3, 20, width, activation, order)
+    check_conv_backend("triton", triton_device, dtype, 1, 2, 1, width, activation, bias=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_gpu_triton_conv_matches_reference(dtype, width):
+    check_conv_backend("triton", torch.device("cuda"), dtype, 2, 96, 1024, width, "silu", orders.zigzag(32, 32, 5))
+    check_conv_backend("triton", torch.device("cuda"), dtype, 1, 33, 4099, width, None, torch.randperm(4099))
