@@ -87,7 +87,7 @@ class BuildCudaExt(build_ext):
         tmp.mkdir(parents=True, exist_ok=True)
         cu_files = sorted((ROOT / "csrc").rglob("*.cu"))
         common = [
-            str(nvcc), "-c", "-O3", "-std=c++17", "--use_fast_math", "-Xcompiler", "-fPIC",
+            str(nvcc), "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC",  # no fast-math: statistics round correctly
             f"-I{ROOT / 'csrc'}", "-lineinfo", *arch_flags,
         ]
 
@@ -160,6 +160,8 @@ setup(
         "zigspark.ops",
         "zigspark.reference",
         "zigspark.cuda_ops",
+        "zigspark.compat",
+        "zigspark.nn",
         "zigspark.triton_kernels",
     ],
     package_dir={"zigspark": "python/zigspark", "zigspark.triton_kernels": "triton_kernels"},

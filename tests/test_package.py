@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["zigspark", "zigspark.ops", "zigspark.ops.stat_topk", "zigspark.reference",
            "zigspark.reference.stat_topk", "zigspark.cuda_ops", "zigspark.cuda_ops.stat_topk", "zigspark.backends",
            "zigspark.env", "zigspark.cli", "zigspark.check", "zigspark.validation", "zigspark.triton_kernels",
-           "zigspark.triton_kernels.stat_topk"]
+           "zigspark.triton_kernels.stat_topk",
+           "zigspark.triton_kernels.selective_scan", "zigspark.triton_kernels.causal_conv1d",
+           "zigspark.triton_kernels.orders", "zigspark.orders", "zigspark.ops.selective_scan",
+           "zigspark.ops.causal_conv1d", "zigspark.compat.mamba_ssm", "zigspark.nn", "zigspark.nn.zigzag_mamba"]
 
 
 def _copy_source(dst: Path) -> Path:

@@ -268,6 +268,15 @@ def test_triton_dim0_and_strided_rows(triton_device):
     torch.testing.assert_close(zigspark.stat_topk(x, 6, backend="triton"), zigspark.stat_topk(x, 6, backend="reference"))
 
 
+@interpret
+def test_triton_nan_in_a_row_propagates_like_the_reference(triton_device):
+    x = torch.randn(3, 64, device=triton_device)
+    x[1, 5] = float("nan")
+    y_ref, y = zigspark.stat_topk(x, 6, backend="reference"), zigspark.stat_topk(x, 6, backend="triton")
+    assert torch.isnan(y_ref[1]).all() and not torch.isnan(y_ref[[0, 2]]).any()
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+
+
 # ---- gpu tier: every backend x dtype at real sizes -----------------------------------------------------
 
 GPU_BACKENDS = ["cuda", "triton"]
@@ -300,6 +309,19 @@ def test_gpu_heavy_tailed_and_offset_rows():
                                     make=lambda s: torch.randn(*s) * 0.01 + 1000.0)
     check_backend_against_reference("triton", torch.device("cuda"), torch.float32, 16, 100_000,
                                     make=lambda s: torch.randn(*s) * 0.01 + 1000.0)
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_nan_propagates_and_device_is_restored(backend):
+    x = torch.randn(3, 4096, device="cuda")
+    x[1, 5] = float("nan")
+    y = zigspark.stat_topk(x, 100, backend=backend)
+    assert torch.equal(torch.isnan(y), torch.isnan(zigspark.stat_topk(x, 100, backend="reference")))
+    if torch.cuda.device_count() > 1:  # a launch on cuda:1 must not move torch's current device
+        with torch.cuda.device(0):
+            zigspark.stat_topk(x.to("cuda:1"), 100, backend=backend)
+            assert torch.cuda.current_device() == 0
 
 
 @gpu

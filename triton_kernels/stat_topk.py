@@ -24,6 +24,25 @@ STREAM_BLOCK = 4096
 
 
 @triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    """a / b correctly rounded (plain '/' and sqrt compile to approximate PTX for float32)."""
+    if ACC == tl.float32:
+        q = tl.div_rn(a, b.to(ACC))
+    else:
+        q = a / b.to(ACC)
+    return q
+
+
+@triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    if ACC == tl.float32:
+        r = tl.sqrt_rn(x)
+    else:
+        r = tl.sqrt(x)
+    return r
+
+
+@triton.jit
 def _streaming_moments(x_row, d, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """(μ, σ) of a row too long for registers: exact chunk statistics merged with Chan's formula."""
     n = tl.zeros([], dtype=ACC)
@@ -42,13 +61,15 @@ def _streaming_moments(x_row, d, BLOCK: tl.constexpr, ACC: tl.constexpr):
         mean = mean + delta * (count / total)
         m2 = m2 + chunk_m2 + delta * delta * (n * count / total)
         n = total
-    return mean, tl.sqrt(m2 / d)
+    return mean, _sqrt(_div(m2, d, ACC), ACC)
 
 
 @triton.jit
 def _write_chunk(x, theta, y_ptrs, mask_ptrs, valid, WRITE_MASK: tl.constexpr):
     keep = x > theta
-    tl.store(y_ptrs, tl.where(keep, x - theta, 0.0).to(y_ptrs.dtype.element_ty), mask=valid)
+    diff = x - theta
+    # diff != diff: a NaN in the row stays NaN, as in the reference (every comparison with NaN is false)
+    tl.store(y_ptrs, tl.where(keep | (diff != diff), diff, 0.0).to(y_ptrs.dtype.element_ty), mask=valid)
     if WRITE_MASK:
         tl.store(mask_ptrs, keep.to(tl.int8), mask=valid)
 
@@ -69,9 +90,9 @@ def _stat_topk_fwd_kernel(
         offs = tl.arange(0, BLOCK)
         valid = offs < d
         x = tl.load(x_row + offs, mask=valid, other=0.0).to(ACC)
-        mean = tl.sum(x, axis=0) / d
+        mean = _div(tl.sum(x, axis=0), d, ACC)
         dev = tl.where(valid, x - mean, 0.0)
-        std = tl.sqrt(tl.sum(dev * dev, axis=0) / d)
+        std = _sqrt(_div(tl.sum(dev * dev, axis=0), d, ACC), ACC)
         theta = mean + z * std
         _write_chunk(x, theta, y_row + offs, mask_row + offs, valid, WRITE_MASK)
     else:
@@ -158,7 +179,9 @@ def stat_topk_bwd(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, std
     rows, d = x.shape
     if rows == 0:
         return
-    block, _, num_warps = _launch_config(d)
+    # The backward always loops over the row (two passes): chunks of at most STREAM_BLOCK keep registers low.
+    block = min(triton.next_power_of_2(d), STREAM_BLOCK)
+    num_warps = min(16, max(4, block // 512))
     _stat_topk_bwd_kernel[(rows,)](
         grad_y, x, mean, std, grad_x,
         d, grad_y.stride(0), x.stride(0), grad_x.stride(0), *_split_float(z),

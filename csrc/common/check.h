@@ -18,7 +18,7 @@ inline void cuda_check(cudaError_t err, const char* what) {
 
 // Our cudart is linked statically, so it keeps its own "current device"; set it to the tensor's device
 // before every launch. Raises a clear error on a machine without a GPU.
-inline void use_device(int device) {
+inline void check_device(int device) {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0) {
@@ -31,8 +31,28 @@ inline void use_device(int device) {
     throw std::runtime_error("zigspark._C: device index " + std::to_string(device) + " out of range (" +
                              std::to_string(count) + " devices)");
   }
-  cuda_check(cudaSetDevice(device), "cudaSetDevice");
 }
+
+// Makes `device` current for the launches in its scope and restores the previous device afterwards:
+// cudaSetDevice changes the context current to the thread, which torch's own runtime shares, so leaving
+// it changed would silently move torch's later work to another GPU.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_device(device);
+    cuda_check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) cuda_check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 inline void check_launch(const char* kernel) { cuda_check(cudaGetLastError(), kernel); }
 

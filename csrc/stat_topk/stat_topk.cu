@@ -54,7 +54,8 @@ __device__ __forceinline__ void write_output(const Acc<T>* v, Acc<T> theta, T* y
   MaskPack<VEC> mp;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    out[j] = v[j] > theta ? v[j] - theta : A(0);
+    const A diff = v[j] - theta;
+    out[j] = (diff > A(0) || diff != diff) ? diff : A(0);  // NaN in the row stays NaN, as in the reference
     mp.v[j] = v[j] > theta;
   }
   store_pack<T, VEC>(y, out);
@@ -285,14 +286,14 @@ void backward_typed(const StatTopkBackwardArgs& a) {
 void stat_topk_forward(const StatTopkForwardArgs& args) {
   if (args.rows == 0 || args.d == 0) return;
   if (args.rows > 0x7fffffff) throw std::invalid_argument("zigspark._C: stat_topk supports at most 2^31-1 rows");
-  use_device(args.device);
+  DeviceGuard guard(args.device);
   dispatch_float_types(args.dtype, [&](auto tag) { forward_typed<decltype(tag)>(args); });
 }
 
 void stat_topk_backward(const StatTopkBackwardArgs& args) {
   if (args.rows == 0 || args.d == 0) return;
   if (args.rows > 0x7fffffff) throw std::invalid_argument("zigspark._C: stat_topk supports at most 2^31-1 rows");
-  use_device(args.device);
+  DeviceGuard guard(args.device);
   dispatch_float_types(args.dtype, [&](auto tag) { backward_typed<decltype(tag)>(args); });
 }
 

@@ -6,7 +6,7 @@ Every op takes ``backend="auto" | "cuda" | "triton" | "reference"``; see :func:`
 from ._version import __version__
 from .backends import available_backends, last_backends
 from .errors import BackendUnavailableError
-from . import orders
+from . import nn, orders
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
 from .ops.stat_topk import stat_topk, stat_topk_threshold
@@ -16,6 +16,7 @@ __all__ = [
     "available_backends",
     "last_backends",
     "BackendUnavailableError",
+    "nn",
     "orders",
     "causal_conv1d",
     "selective_scan",
