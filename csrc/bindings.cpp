@@ -5,9 +5,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <set>
 #include <string>
 
 #include "common/dtype.h"
+#include "selective_scan/selective_scan.h"
 #include "stat_topk/stat_topk.h"
 
 #ifndef ZIGSPARK_ARCHS
@@ -38,6 +40,55 @@ int driver_version() {
   int v = 0;
   if (cudaDriverGetVersion(&v) != cudaSuccess) return 0;
   return v;
+}
+
+OrderArgs make_order(int kind, int64_t frames, int64_t h, int64_t w, int path, int reverse, uintptr_t index,
+                     int64_t length) {
+  OrderArgs o;
+  o.kind = kind;
+  o.frames = frames;
+  o.h = h;
+  o.w = w;
+  o.path = path;
+  o.reverse = reverse;
+  o.index = reinterpret_cast<const int64_t*>(index);
+  o.length = length;
+  return o;
+}
+
+// Keyword arguments -> SelectiveScanParams. Every pointer is optional (0).
+SelectiveScanParams scan_params(const py::kwargs& kw) {
+  static const std::set<std::string> known = {
+      "batch", "dim", "length", "dstate", "groups", "chunks", "u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+      "out", "last_state", "checkpoints", "dout", "dlast", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "b_mode",
+      "c_mode", "delta_softplus", "dtype", "order_kind", "order_frames", "order_h", "order_w", "order_path",
+      "order_reverse", "order_index", "device", "stream"};
+  for (auto item : kw) {  // a misspelt pointer would otherwise silently become 0
+    const std::string key = py::str(item.first);
+    if (!known.count(key)) throw py::type_error("zigspark._C selective_scan: unknown argument '" + key + "'");
+  }
+  auto ptr = [&](const char* name) { return kw.contains(name) ? kw[name].cast<uintptr_t>() : uintptr_t(0); };
+  auto num = [&](const char* name) { return kw[name].cast<int64_t>(); };
+  SelectiveScanParams p;
+  p.shape.batch = num("batch");
+  p.shape.dim = num("dim");
+  p.shape.length = num("length");
+  p.shape.dstate = int(num("dstate"));
+  p.shape.groups = num("groups");
+  p.shape.chunks = num("chunks");
+  p.u = ptr("u"); p.delta = ptr("delta"); p.A = ptr("A"); p.B = ptr("B"); p.C = ptr("C"); p.D = ptr("D");
+  p.z = ptr("z"); p.delta_bias = ptr("delta_bias"); p.out = ptr("out"); p.last_state = ptr("last_state");
+  p.checkpoints = ptr("checkpoints"); p.dout = ptr("dout"); p.dlast = ptr("dlast"); p.du = ptr("du");
+  p.ddelta = ptr("ddelta"); p.dA = ptr("dA"); p.dB = ptr("dB"); p.dC = ptr("dC"); p.dD = ptr("dD"); p.dz = ptr("dz");
+  p.b_mode = int(num("b_mode"));
+  p.c_mode = int(num("c_mode"));
+  p.delta_softplus = kw["delta_softplus"].cast<bool>();
+  p.dtype = int(num("dtype"));
+  p.order = make_order(int(num("order_kind")), num("order_frames"), num("order_h"), num("order_w"),
+                       int(num("order_path")), int(num("order_reverse")), ptr("order_index"), p.shape.length);
+  p.device = int(num("device"));
+  p.stream = ptr("stream");
+  return p;
 }
 
 }  // namespace
@@ -75,4 +126,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_y"), py::arg("x"), py::arg("mean"), py::arg("std"), py::arg("grad_x"), py::arg("rows"),
       py::arg("d"), py::arg("grad_y_row_stride"), py::arg("x_row_stride"), py::arg("grad_x_row_stride"),
       py::arg("dtype"), py::arg("z"), py::arg("device"), py::arg("stream"));
+
+  m.def("selective_scan_chunk", &selective_scan_chunk, "steps per chunk of the selective scan kernels");
+  m.def(
+      "selective_scan_forward",
+      [](py::kwargs kw) {
+        const SelectiveScanParams p = scan_params(kw);
+        py::gil_scoped_release release;
+        selective_scan_forward(p);
+      },
+      "selective scan forward; keyword arguments as the fields of SelectiveScanParams (selective_scan.h)");
+  m.def(
+      "selective_scan_backward",
+      [](py::kwargs kw) {
+        const SelectiveScanParams p = scan_params(kw);
+        py::gil_scoped_release release;
+        selective_scan_backward(p);
+      },
+      "selective scan backward; keyword arguments as the fields of SelectiveScanParams (selective_scan.h)");
 }

@@ -189,7 +189,7 @@ def test_bad_inputs():
         zigspark.selective_scan(**x, order=orders.zigzag(2, 3, 0))
     with pytest.raises(ValueError, match="permutation"):
         zigspark.selective_scan(**x, order=torch.zeros(12, dtype=torch.long))
-    with pytest.raises(zigspark.BackendUnavailableError, match="no cuda backend yet"):
+    with pytest.raises(zigspark.BackendUnavailableError, match="backend='cuda' cannot run here"):
         zigspark.selective_scan(**x, backend="cuda")
 
 
@@ -248,6 +248,7 @@ def test_triton_scan_without_last_state_gradient(triton_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [
     dict(batch=2, dim=64, length=1024, n=16, order=orders.zigzag(32, 32, 3)),
@@ -256,5 +257,13 @@ def test_triton_scan_without_last_state_gradient(triton_device):
     dict(batch=1, dim=8, length=1, n=1),
     dict(batch=1, dim=32, length=2 * 16 * 16, n=16, order=orders.temporal(2, 16, 16)),
 ], ids=lambda c: f"L{c['length']}-N{c['n']}")
-def test_gpu_triton_scan_matches_reference(dtype, case):
-    check_scan_backend("triton", torch.device("cuda"), dtype, **case)
+def test_gpu_scan_matches_reference(backend, dtype, case):
+    check_scan_backend(backend, torch.device("cuda"), dtype, **case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_scan_mixed_dtypes_and_no_last_state_grad(backend):
+    """fp32 B/C with bf16 u (the kernels cast), and a graph that does not use last_state."""
+    check_scan_backend(backend, torch.device("cuda"), torch.bfloat16, dlast=False, batch=2, dim=32, length=600,
+                       n=16, bc="constant", order=orders.zigzag(20, 30, 1))

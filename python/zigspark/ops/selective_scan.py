@@ -7,8 +7,8 @@ with the steps t visited in `order` (zigspark.orders): out = unpermute(scan(perm
 order is applied where the data is read and written, never by copying the tensors into scan order.
 
 Registered as ``zigspark::selective_scan_fwd`` / ``zigspark::selective_scan_bwd``. Backends today: the
-reference (chunked PyTorch; closed-form backward that recomputes the states) and Triton (forward and
-backward; the order is computed inside the kernel). The CUDA kernels are the open part of issue #3.
+reference (chunked PyTorch; closed-form backward that recomputes the states), Triton and CUDA (forward
+and backward; the order is computed inside the kernels).
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAM_DTYPES = (torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_N = 256  # the state of a block of channels lives in registers
-backends.register_op("selective_scan", {"reference": _IO_DTYPES, "triton": _KERNEL_DTYPES})
+backends.register_op("selective_scan", {"reference": _IO_DTYPES, "triton": _KERNEL_DTYPES, "cuda": _KERNEL_DTYPES})
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..triton_kernels import selective_scan as kernels
+    else:
+        from ..cuda_ops import selective_scan as kernels
+    return kernels
 
 
 def order_arguments(order, length: int, device: torch.device):
@@ -58,21 +66,24 @@ def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     """-> (out (batch, dim, L) in u's dtype, last_state (batch, dim, N) in float32/float64, checkpoints:
     the state entering each chunk, (batch, dim, chunks, N), saved for the kernels' backward; empty for
     the reference)."""
-    if backend == "triton":
-        from ..triton_kernels import selective_scan as kernels
-
-        return kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params,
-                                          order_index)
+    if backend != "reference":
+        return _kernels(backend).selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                    order_params, order_index)
     index = order_index_of(order_params, order_index, u.shape[-1], u.device)
     with torch.no_grad():
         out, last = ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, index)
     return out, last.contiguous(), u.new_empty((0,), dtype=torch.float32)
 
 
-def _n_chunks(length: int) -> int:
-    from ..triton_kernels.selective_scan import _config
+def _n_chunks(length: int, backend: str) -> int:
+    if backend == "cuda":
+        from ..cuda_ops.selective_scan import chunk
+    else:
+        from ..triton_kernels.selective_scan import _config
 
-    return -(-length // _config(1, 1, length)[2])
+        def chunk():
+            return _config(1, 1, length)[2]
+    return -(-length // chunk())
 
 
 @selective_scan_fwd.register_fake
@@ -80,7 +91,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_i
     batch, dim, length = u.shape
     n = A.shape[1]
     last = u.new_empty((batch, dim, n), dtype=ref.compute_dtype(u.dtype))
-    ckpt = (u.new_empty((batch, dim, _n_chunks(length), n), dtype=torch.float32) if backend == "triton"
+    ckpt = (u.new_empty((batch, dim, _n_chunks(length, backend), n), dtype=torch.float32) if backend != "reference"
             else u.new_empty((0,), dtype=torch.float32))
     return torch.empty_like(u), last, ckpt
 
@@ -94,11 +105,9 @@ def selective_scan_bwd(dout: torch.Tensor, dlast: Optional[torch.Tensor], u: tor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor]:
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); an absent input gets an empty tensor."""
-    if backend == "triton":
-        from ..triton_kernels import selective_scan as kernels
-
-        grads = kernels.selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, checkpoints,
-                                           delta_softplus, order_params, order_index)
+    if backend != "reference":
+        grads = _kernels(backend).selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, checkpoints,
+                                                     delta_softplus, order_params, order_index)
     else:
         index = order_index_of(order_params, order_index, u.shape[-1], u.device)
         grads = ref.selective_scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
