@@ -1,7 +1,7 @@
 """`zigspark check`: every available backend of every op against the float64 reference.
 
-For each op, backend and dtype: the largest forward and backward error against the reference run in
-float64, the same error of the reference run in that dtype (the numerics rule's yardstick: a kernel
+For each op, backend and dtype: the largest forward and backward error (relative to the largest value)
+against the reference run in float64, the same error of the reference run in that dtype (the numerics rule's yardstick: a kernel
 passes when its error is at most 2x the reference's own, gradients 3x, plus a small floor), and the time
 of one forward + backward.
 """
@@ -14,10 +14,12 @@ from typing import Callable
 
 import torch
 
-from . import backends
+from . import backends, orders
+from .ops.causal_conv1d import causal_conv1d
+from .ops.selective_scan import selective_scan
 from .ops.stat_topk import stat_topk
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}  # relative
 
 
 @dataclass
@@ -38,8 +40,40 @@ def _stat_topk_case(large: bool) -> OpCase:
                   lambda x, backend: stat_topk(x, density=0.08, backend=backend))
 
 
+def _selective_scan_case(large: bool) -> OpCase:
+    batch, dim, h, w, n = (2, 256, 32, 32, 16) if large else (1, 16, 8, 12, 16)
+    order = orders.zigzag(h, w, path=5)
+
+    def make(device, dtype):
+        L = h * w
+        return [torch.randn(batch, dim, L, device=device, dtype=dtype),                  # u
+                (0.5 * torch.rand(batch, dim, L, device=device)).to(dtype),               # delta
+                -(0.5 + torch.rand(dim, n, device=device)),                               # A (float32)
+                torch.randn(batch, n, L, device=device, dtype=dtype),                     # B
+                torch.randn(batch, n, L, device=device, dtype=dtype),                     # C
+                torch.randn(dim, device=device),                                          # D
+                torch.randn(batch, dim, L, device=device, dtype=dtype)]                   # z
+
+    def run(u, delta, A, B, C, D, z, backend):
+        return selective_scan(u, delta, A, B, C, D, z, delta_softplus=True, order=order, backend=backend)
+
+    return OpCase(f"selective_scan zigzag {h}x{w}", "selective_scan", make, run)
+
+
+def _causal_conv1d_case(large: bool) -> OpCase:
+    batch, dim, h, w = (2, 512, 32, 32) if large else (1, 16, 8, 12)
+    order = orders.zigzag(h, w, path=2)
+
+    def make(device, dtype):
+        return [torch.randn(batch, dim, h * w, device=device, dtype=dtype),
+                torch.randn(dim, 4, device=device, dtype=dtype), torch.randn(dim, device=device, dtype=dtype)]
+
+    return OpCase(f"causal_conv1d zigzag {h}x{w}", "causal_conv1d", make,
+                  lambda x, wt, b, backend: causal_conv1d(x, wt, b, "silu", order=order, backend=backend))
+
+
 def cases(large: bool) -> list[OpCase]:
-    return [_stat_topk_case(large)]
+    return [_stat_topk_case(large), _selective_scan_case(large), _causal_conv1d_case(large)]
 
 
 def _forward_backward(case: OpCase, inputs, backend):
@@ -52,7 +86,10 @@ def _forward_backward(case: OpCase, inputs, backend):
 
 
 def _max_err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    """Largest error relative to the largest magnitude of the float64 reference `b`."""
+    if not a.numel():
+        return 0.0
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
 def _time(fn, device) -> float:
@@ -98,14 +135,14 @@ def run_checks(device: torch.device, dtypes, large: bool, progress=print) -> lis
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'op':<22} {'dtype':<9} {'backend':<10} {'status':<7} {'fwd err':>9} {'(ref)':>9} " \
-             f"{'bwd err':>9} {'(ref)':>9} {'ms f+b':>9}"
+    header = f"{'op':<30} {'dtype':<9} {'backend':<10} {'status':<7} {'fwd rel':>9} {'(ref)':>9} " \
+             f"{'bwd rel':>9} {'(ref)':>9} {'ms f+b':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         if r["status"] == "unavailable":
-            lines.append(f"{r['op']:<22} {r['dtype']:<9} {r['backend']:<10} n/a     {r['reason']}")
+            lines.append(f"{r['op']:<30} {r['dtype']:<9} {r['backend']:<10} n/a     {r['reason']}")
         else:
-            lines.append(f"{r['op']:<22} {r['dtype']:<9} {r['backend']:<10} {r['status']:<7} {r['fwd_err']:>9.2e} "
+            lines.append(f"{r['op']:<30} {r['dtype']:<9} {r['backend']:<10} {r['status']:<7} {r['fwd_err']:>9.2e} "
                          f"{r['ref_fwd_err']:>9.2e} {r['bwd_err']:>9.2e} {r['ref_bwd_err']:>9.2e} "
                          f"{r['ms_fwd_bwd']:>9.2f}")
     return "\n".join(lines)
