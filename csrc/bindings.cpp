@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/dtype.h"
+#include "causal_conv1d/causal_conv1d.h"
 #include "selective_scan/selective_scan.h"
 #include "stat_topk/stat_topk.h"
 
@@ -144,4 +145,47 @@ PYBIND11_MODULE(_C, m) {
         selective_scan_backward(p);
       },
       "selective scan backward; keyword arguments as the fields of SelectiveScanParams (selective_scan.h)");
+
+  m.def(
+      "causal_conv1d_forward",
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t out, int64_t batch, int64_t dim, int64_t length,
+         int width, int dtype, bool silu, int order_kind, int64_t order_frames, int64_t order_h, int64_t order_w,
+         int order_path, int order_reverse, uintptr_t order_index, int device, uintptr_t stream) {
+        CausalConv1dForwardArgs a;
+        a.x = x; a.weight = weight; a.bias = bias; a.out = out;
+        a.batch = batch; a.dim = dim; a.length = length; a.width = width; a.dtype = dtype; a.silu = silu;
+        a.order = make_order(order_kind, order_frames, order_h, order_w, order_path, order_reverse, order_index,
+                             length);
+        a.device = device; a.stream = stream;
+        py::gil_scoped_release release;
+        causal_conv1d_forward(a);
+      },
+      "depthwise causal conv1d along an order, forward (causal_conv1d.h); weight/bias float32, bias 0 if absent",
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("batch"), py::arg("dim"),
+      py::arg("length"), py::arg("width"), py::arg("dtype"), py::arg("silu"), py::arg("order_kind"),
+      py::arg("order_frames"), py::arg("order_h"), py::arg("order_w"), py::arg("order_path"),
+      py::arg("order_reverse"), py::arg("order_index"), py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "causal_conv1d_backward",
+      [](uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t dx, uintptr_t dweight,
+         uintptr_t dbias, int64_t batch, int64_t dim, int64_t length, int width, int dtype, bool silu,
+         int order_kind, int64_t order_frames, int64_t order_h, int64_t order_w, int order_path, int order_reverse,
+         uintptr_t order_index, int device, uintptr_t stream) {
+        CausalConv1dBackwardArgs a;
+        a.dout = dout; a.x = x; a.weight = weight; a.bias = bias;
+        a.dx = dx; a.dweight = dweight; a.dbias = dbias;
+        a.batch = batch; a.dim = dim; a.length = length; a.width = width; a.dtype = dtype; a.silu = silu;
+        a.order = make_order(order_kind, order_frames, order_h, order_w, order_path, order_reverse, order_index,
+                             length);
+        a.device = device; a.stream = stream;
+        py::gil_scoped_release release;
+        causal_conv1d_backward(a);
+      },
+      "depthwise causal conv1d backward; dweight (dim, width) and dbias (dim,) float32, zero-filled, accumulated",
+      py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("dx"), py::arg("dweight"),
+      py::arg("dbias"), py::arg("batch"), py::arg("dim"), py::arg("length"), py::arg("width"), py::arg("dtype"),
+      py::arg("silu"), py::arg("order_kind"), py::arg("order_frames"), py::arg("order_h"), py::arg("order_w"),
+      py::arg("order_path"), py::arg("order_reverse"), py::arg("order_index"), py::arg("device"),
+      py::arg("stream"));
 }

@@ -88,8 +88,12 @@ def test_triton_conv_matches_reference(triton_device, dtype, width, activation, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("width", [2, 3, 4])
-def test_gpu_triton_conv_matches_reference(dtype, width):
-    check_conv_backend("triton", torch.device("cuda"), dtype, 2, 96, 1024, width, "silu", orders.zigzag(32, 32, 5))
-    check_conv_backend("triton", torch.device("cuda"), dtype, 1, 33, 4099, width, None, torch.randperm(4099))
+def test_gpu_conv_matches_reference(backend, dtype, width):
+    check_conv_backend(backend, torch.device("cuda"), dtype, 2, 96, 1024, width, "silu", orders.zigzag(32, 32, 5))
+    check_conv_backend(backend, torch.device("cuda"), dtype, 1, 33, 4099, width, None, torch.randperm(4099))
+    check_conv_backend(backend, torch.device("cuda"), dtype, 1, 8, 1, width, "silu", bias=False)
+    check_conv_backend(backend, torch.device("cuda"), dtype, 2, 5, 2 * 9 * 7, width, None,
+                       orders.temporal(2, 9, 7, backward=True))

@@ -5,7 +5,7 @@
 
 Same semantics as causal-conv1d's causal_conv1d_fn; the order is applied where data is read and written.
 Registered as ``zigspark::causal_conv1d_fwd`` / ``_bwd``; backends today: reference (closed-form backward)
-and Triton (forward and backward, the order computed in-kernel). Not fused with the scan yet.
+Triton and CUDA (forward and backward, the order computed in-kernel). Not fused with the scan yet.
 """
 
 from __future__ import annotations
@@ -20,16 +20,22 @@ from ..validation import check_float_tensor, check_same_device
 from .selective_scan import order_arguments, order_index_of
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-backends.register_op("causal_conv1d", {"reference": _DTYPES, "triton": _DTYPES[:3]})
+backends.register_op("causal_conv1d", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES})
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..triton_kernels import causal_conv1d as kernels
+    else:
+        from ..cuda_ops import causal_conv1d as kernels
+    return kernels
 
 
 @torch.library.custom_op("zigspark::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
                       order_params: list[int], order_index: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    if backend == "triton":
-        from ..triton_kernels import causal_conv1d as kernels
-
-        return kernels.causal_conv1d_fwd(x, weight, bias, silu, order_params, order_index)
+    if backend != "reference":
+        return _kernels(backend).causal_conv1d_fwd(x, weight, bias, silu, order_params, order_index)
     index = order_index_of(order_params, order_index, x.shape[-1], x.device)
     with torch.no_grad():
         return ref.causal_conv1d(x, weight, bias, silu, index)
@@ -45,10 +51,9 @@ def causal_conv1d_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       silu: bool, order_params: list[int], order_index: Optional[torch.Tensor], backend: str
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias or empty)."""
-    if backend == "triton":
-        from ..triton_kernels import causal_conv1d as kernels
-
-        dx, dweight, dbias = kernels.causal_conv1d_bwd(dout, x, weight, bias, silu, order_params, order_index)
+    if backend != "reference":
+        dx, dweight, dbias = _kernels(backend).causal_conv1d_bwd(dout, x, weight, bias, silu, order_params,
+                                                                 order_index)
     else:
         index = order_index_of(order_params, order_index, x.shape[-1], x.device)
         dx, dweight, dbias = ref.causal_conv1d_backward(dout, x, weight, bias, silu, index)
