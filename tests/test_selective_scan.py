@@ -267,3 +267,14 @@ def test_gpu_scan_mixed_dtypes_and_no_last_state_grad(backend):
     """fp32 B/C with bf16 u (the kernels cast), and a graph that does not use last_state."""
     check_scan_backend(backend, torch.device("cuda"), torch.bfloat16, dlast=False, batch=2, dim=32, length=600,
                        n=16, bc="constant", order=orders.zigzag(20, 30, 1))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_needs_one_layout_for_b_and_c():
+    x = {k: None if v is None else v.cuda() for k, v in make_inputs(dtype=torch.float32, length=16).items()}
+    x["B"] = x["B"][0, :, 0].expand(x["A"].shape[0], -1).contiguous()   # constant B, per-step C
+    with pytest.raises(ValueError, match="same layout"):
+        zigspark.selective_scan(**x, backend="cuda")
+    out = zigspark.selective_scan(**x)  # auto falls back to a backend that takes mixed layouts
+    assert zigspark.last_backends()["selective_scan"] in ("cuda", "triton")
+    torch.testing.assert_close(out, zigspark.selective_scan(**x, backend="reference"), rtol=1e-4, atol=1e-4)

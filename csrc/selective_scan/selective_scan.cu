@@ -301,6 +301,8 @@ void launch(const SelectiveScanParams& p) {
   if (s.batch > 65535) throw std::invalid_argument("zigspark._C: selective scan supports at most 65535 batches");
   if (s.chunks != (s.length + kChunk - 1) / kChunk)
     throw std::invalid_argument("zigspark._C: checkpoints must have ceil(L / " + std::to_string(kChunk) + ") chunks");
+  if (p.b_mode != p.c_mode)
+    throw std::invalid_argument("zigspark._C: the selective scan kernels need B and C in the same layout");
   DeviceGuard guard(p.device);
   const dim3 grid(unsigned(s.dim), unsigned(s.batch));
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
@@ -308,17 +310,15 @@ void launch(const SelectiveScanParams& p) {
   dispatch_float_types(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {
-      dispatch_bc(p.b_mode, [&](auto bm) {
-        dispatch_bc(p.c_mode, [&](auto cm) {
-          constexpr int BM = decltype(bm)::value, CM = decltype(cm)::value;
-          if (BACKWARD) {
-            if (p.z) scan_bwd_kernel<T, BM, CM, true><<<grid, kThreads, 0, stream>>>(p);
-            else scan_bwd_kernel<T, BM, CM, false><<<grid, kThreads, 0, stream>>>(p);
-          } else {
-            if (p.z) scan_fwd_kernel<T, BM, CM, true><<<grid, kThreads, 0, stream>>>(p);
-            else scan_fwd_kernel<T, BM, CM, false><<<grid, kThreads, 0, stream>>>(p);
-          }
-        });
+      dispatch_bc(p.b_mode, [&](auto bm) {  // B and C share one layout (3 instantiations, not 9)
+        constexpr int BM = decltype(bm)::value;
+        if (BACKWARD) {
+          if (p.z) scan_bwd_kernel<T, BM, BM, true><<<grid, kThreads, 0, stream>>>(p);
+          else scan_bwd_kernel<T, BM, BM, false><<<grid, kThreads, 0, stream>>>(p);
+        } else {
+          if (p.z) scan_fwd_kernel<T, BM, BM, true><<<grid, kThreads, 0, stream>>>(p);
+          else scan_fwd_kernel<T, BM, BM, false><<<grid, kThreads, 0, stream>>>(p);
+        }
       });
     }
   });

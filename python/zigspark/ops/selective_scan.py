@@ -218,6 +218,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             raise ValueError(f"selective_scan: N = {n} is too large for the {chosen} kernel (at most "
                              f"{KERNEL_MAX_N}); use backend='reference'")
         chosen = "reference"
+    if chosen == "cuda" and B.dim() != C.dim():
+        if backend != "auto":
+            raise ValueError("selective_scan: the cuda kernels need B and C in the same layout (both constant, "
+                             "both per step, or both grouped); use backend='triton' or 'reference'")
+        usable = backends.unavailable_reason("selective_scan", "triton", device, u.dtype) is None
+        chosen = "triton" if usable else "reference"
     if chosen != "reference":  # the kernels index u, delta, z, B, C as contiguous tensors
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
