@@ -139,6 +139,13 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | No
     return chosen
 
 
+def record(op: str, backend: str) -> None:
+    """Correct the record when an op changes the resolved backend for a shape it cannot run."""
+    if _last.get(op) != backend and not torch.compiler.is_compiling():
+        log.info("zigspark.%s: running %s for this shape (instead of %s)", op, backend, _last.get(op))
+    _last[op] = backend
+
+
 def last_backends() -> dict[str, str]:
     """{op: backend} of the most recent call of each op in this process."""
     return dict(_last)

@@ -224,6 +224,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                              "both per step, or both grouped); use backend='triton' or 'reference'")
         usable = backends.unavailable_reason("selective_scan", "triton", device, u.dtype) is None
         chosen = "triton" if usable else "reference"
+    backends.record("selective_scan", chosen)
     if chosen != "reference":  # the kernels index u, delta, z, B, C as contiguous tensors
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
