@@ -278,3 +278,13 @@ def test_gpu_cuda_needs_one_layout_for_b_and_c():
     out = zigspark.selective_scan(**x)  # auto falls back to a backend that takes mixed layouts
     assert zigspark.last_backends()["selective_scan"] in ("cuda", "triton")
     torch.testing.assert_close(out, zigspark.selective_scan(**x, backend="reference"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.interpret
+def test_kernel_state_size_limit(triton_device):
+    x = {k: None if v is None else v.to(triton_device)
+         for k, v in make_inputs(dtype=torch.float32, length=4, n=300, dim=2).items()}
+    with pytest.raises(ValueError, match="N = 300 is too large for the triton kernel"):
+        zigspark.selective_scan(**x, backend="triton")
+    zigspark.selective_scan(**x)  # auto takes the reference for such N
+    assert zigspark.last_backends()["selective_scan"] == "reference"
