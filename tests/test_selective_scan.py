@@ -177,6 +177,7 @@ def test_bad_inputs():
         (dict(A=x["A"].to(torch.complex64)), TypeError, "A must be real"),
         (dict(B=x["B"][:, :, :5]), ValueError, "B must be"),
         (dict(C=torch.randn(2, 3, 16, 12)), ValueError, "dim divisible by G"),
+        (dict(B=torch.randn(2, 4, 16, 12), C=torch.randn(2, 2, 16, 12)), ValueError, "same number of groups"),
         (dict(D=torch.randn(5)), ValueError, r"D must be \(dim,\)"),
         (dict(z=x["z"][:1]), ValueError, "z must have u's shape"),
         (dict(delta_bias=x["delta_bias"].half()), TypeError, "delta_bias must have a floating dtype"),

@@ -5,7 +5,7 @@
 //     h_t = a_t·h_{t−1} + b_t,    y[pos] = (Σ_n C_n(t)·h_t + D·u[pos])·silu(z[pos])
 // Backward, with g the gradient of y before the gate multiplies it back in, and the adjoint state
 //     ∂h_t = g_t·C_n(t) + a_{t+1}·∂h_{t+1}     (∂h of the step after the last is ∂last_state)
-//     ∂Δ_t += ∂h_t·(h_t − b_t)·A_n + ∂h_t·B_n(t)·u_t,   ∂A_n += ∂h_t·(h_t − b_t)·Δ_t     (a_t·h_{t−1} = h_t − b_t)
+//     ∂Δ_t += ∂h_t·a_t·h_{t−1}·A_n + ∂h_t·B_n(t)·u_t,   ∂A_n += ∂h_t·a_t·h_{t−1}·Δ_t
 //     ∂u_t += ∂h_t·B_n(t)·Δ_t,   ∂B_n(t) = ∂h_t·Δ_t·u_t,   ∂C_n(t) = g_t·h_t
 //
 // One block of kThreads per (channel, batch). The sequence is walked in chunks of kThreads·kItems steps;
@@ -154,11 +154,12 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SelectiveScanParams 
   __shared__ float dh_carry[kMaxN];   // adjoint of the state at the first step of the chunk after this one
   __shared__ float a_after[kMaxN];    // a at the first step of the chunk after this one (1 past the end)
   __shared__ float dA_sum[kMaxN];
+  __shared__ float dB_sum[kMaxN], dC_sum[kMaxN];  // constant B/C: summed over the chunks, written once
   __shared__ float first_a[kThreads];  // a of each thread's first step, for its left neighbour
   for (int n = threadIdx.x; n < N; n += kThreads) {
     dh_carry[n] = p.dlast ? reinterpret_cast<const float*>(p.dlast)[(b * s.dim + d) * N + n] : 0.f;
     a_after[n] = 1.f;
-    dA_sum[n] = 0.f;
+    dA_sum[n] = dB_sum[n] = dC_sum[n] = 0.f;
   }
   const float* A = reinterpret_cast<const float*>(p.A) + d * N;
   const float* ckpt = reinterpret_cast<const float*>(p.checkpoints) + (b * s.dim + d) * s.chunks * N;
@@ -215,7 +216,8 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SelectiveScanParams 
         mine = affine_then(mine, {a[i], bt[i]});
       }
       const AffineMap before = block_exclusive_scan<kThreads, false>(mine);
-      float hv = before.a * ckpt[c * N + n] + before.b;
+      const float h_in = before.a * ckpt[c * N + n] + before.b;  // state before this thread's first step
+      float hv = h_in;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) h[i] = hv = a[i] * hv + bt[i];
 
@@ -236,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SelectiveScanParams 
 #pragma unroll
       for (int i = kItems - 1; i >= 0; --i) {
         dh = alpha[i] * dh + g[i] * Cv[i];
-        const float ah = h[i] - bt[i];
+        const float ah = a[i] * (i == 0 ? h_in : h[i - 1]);  // a_t·h_{t−1}, without cancellation
         ddelta[i] += dh * ah * A[n] + dh * Bv[i] * in.u[i];
         du[i] += dh * Bv[i] * in.delta[i];
         dA_local += dh * ah * in.delta[i];
@@ -260,8 +262,8 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SelectiveScanParams 
         dh_carry[n] = dh;         // ∂h at this chunk's first step
         a_after[n] = a[0];        // a at this chunk's first step
         dA_sum[n] += dA_block;
-        if (B_MODE == kConstant) reinterpret_cast<float*>(p.dB)[(b * s.dim + d) * N + n] += dB_block;
-        if (C_MODE == kConstant) reinterpret_cast<float*>(p.dC)[(b * s.dim + d) * N + n] += dC_block;
+        dB_sum[n] += dB_block;
+        dC_sum[n] += dC_block;
       }
     }
 #pragma unroll
@@ -277,7 +279,12 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SelectiveScanParams 
   const float dD_block = block_sum(dD);
   if (threadIdx.x == 0 && p.dD) reinterpret_cast<float*>(p.dD)[b * s.dim + d] = dD_block;
   __syncthreads();
-  for (int n = threadIdx.x; n < N; n += kThreads) reinterpret_cast<float*>(p.dA)[(b * s.dim + d) * N + n] = dA_sum[n];
+  for (int n = threadIdx.x; n < N; n += kThreads) {
+    const int64_t at = (b * s.dim + d) * N + n;
+    reinterpret_cast<float*>(p.dA)[at] = dA_sum[n];
+    if (B_MODE == kConstant) reinterpret_cast<float*>(p.dB)[at] = dB_sum[n];
+    if (C_MODE == kConstant) reinterpret_cast<float*>(p.dC)[at] = dC_sum[n];
+  }
 }
 
 // ---- launch --------------------------------------------------------------------------------------------

@@ -171,6 +171,8 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
                 raise ValueError(f"{name} must be {layouts} with dim divisible by G; got shape {tuple(M.shape)}")
         if M.dim() not in (2, 3, 4):
             raise ValueError(f"{name} must be {layouts}; got shape {tuple(M.shape)}")
+    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
+        raise ValueError(f"grouped B and C must have the same number of groups G, got {B.shape[1]} and {C.shape[1]}")
     for name, v in (("D", D), ("delta_bias", delta_bias)):
         if v is not None:
             check_float_tensor(name, v, _PARAM_DTYPES)
@@ -181,6 +183,17 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
         if z.shape != u.shape:
             raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
     return check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+
+
+def _cuda_shape_reason(u, delta, B, C, z):
+    """Why the CUDA kernels (specialised on one layout for B and C, one dtype for u/delta/z/B/C) cannot take
+    these inputs, or None."""
+    if B.dim() != C.dim():
+        return "the cuda kernels need B and C in the same layout (both constant, both per step, or both grouped)"
+    mixed = [n for n, t in (("delta", delta), ("B", B), ("C", C), ("z", z)) if t is not None and t.dtype != u.dtype]
+    if mixed:
+        return f"the cuda kernels need {', '.join(mixed)} in u's dtype ({str(u.dtype).replace('torch.', '')})"
+    return None
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -218,10 +231,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             raise ValueError(f"selective_scan: N = {n} is too large for the {chosen} kernel (at most "
                              f"{KERNEL_MAX_N}); use backend='reference'")
         chosen = "reference"
-    if chosen == "cuda" and B.dim() != C.dim():
+    cuda_reason = _cuda_shape_reason(u, delta, B, C, z) if chosen == "cuda" else None
+    if cuda_reason:
         if backend != "auto":
-            raise ValueError("selective_scan: the cuda kernels need B and C in the same layout (both constant, "
-                             "both per step, or both grouped); use backend='triton' or 'reference'")
+            raise ValueError(f"selective_scan: {cuda_reason}; use backend='triton' or 'reference'")
         usable = backends.unavailable_reason("selective_scan", "triton", device, u.dtype) is None
         chosen = "triton" if usable else "reference"
     backends.record("selective_scan", chosen)
