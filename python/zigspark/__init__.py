@@ -7,6 +7,7 @@ from ._version import __version__
 from .backends import available_backends, last_backends
 from .errors import BackendUnavailableError
 from . import nn, orders
+from .ops.attention import attention_received, flash_attention
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
 from .ops.stat_topk import stat_topk, stat_topk_threshold
@@ -18,7 +19,9 @@ __all__ = [
     "BackendUnavailableError",
     "nn",
     "orders",
+    "attention_received",
     "causal_conv1d",
+    "flash_attention",
     "selective_scan",
     "stat_topk",
     "stat_topk_threshold",

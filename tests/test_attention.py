@@ -1,0 +1,208 @@
+"""zigspark.flash_attention and zigspark.attention_received: the reference against a naive full-matrix
+softmax (cpu tier), the Triton kernels by the numerics rule (interpret: tiny shapes; gpu: real sizes)."""
+
+import math
+
+import pytest
+import torch
+
+import zigspark
+from zigspark.reference import attention as ref
+
+from numerics import assert_by_rule, max_abs_err
+
+cpu = pytest.mark.cpu
+
+
+def naive_attention(q, k, v, causal, scale):
+    """Oracle of the oracle: the whole score matrix, float64, one head at a time."""
+    batch, seqlen_q, heads, _ = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    out = torch.zeros(batch, seqlen_q, heads, v.shape[-1], dtype=torch.float64)
+    lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=torch.float64)
+    probs = torch.zeros(batch, heads, seqlen_q, seqlen_k, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            s = q[b, :, h].double() @ k[b, :, h // group].double().T * scale
+            if causal:
+                for i in range(seqlen_q):
+                    s[i, max(0, i + seqlen_k - seqlen_q + 1):] = float("-inf")
+            for i in range(seqlen_q):
+                if torch.isinf(s[i]).all():
+                    continue
+                lse[b, h, i] = torch.logsumexp(s[i], 0)
+                probs[b, h, i] = torch.softmax(s[i], 0)
+            out[b, :, h] = probs[b, h] @ v[b, :, h // group].double()
+    return out, lse, probs
+
+
+def finite(t):
+    return t.masked_fill(torch.isinf(t), 0.0)
+
+
+CASES = [  # batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal
+    (1, 17, 17, 2, 2, 16, False),
+    (2, 9, 23, 4, 2, 40, True),       # seqlen_q < seqlen_k, GQA 2
+    (1, 23, 9, 8, 1, 24, True),       # seqlen_q > seqlen_k: early queries see no key; MQA
+    (1, 1, 7, 2, 1, 16, False),
+    (2, 40, 40, 2, 1, 64, True),
+]
+
+
+@cpu
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_matches_naive(case):
+    b, sq, sk, h, hk, d, causal = case
+    q, k, v = torch.randn(b, sq, h, d), torch.randn(b, sk, hk, d), torch.randn(b, sk, hk, d)
+    scale = 0.3
+    out, lse = ref.attention_forward(q.double(), k.double(), v.double(), causal, scale, chunk=8)
+    n_out, n_lse, n_p = naive_attention(q, k, v, causal, scale)
+    assert max_abs_err(out, n_out) < 1e-12
+    assert torch.equal(torch.isinf(lse), torch.isinf(n_lse)) and max_abs_err(finite(lse), finite(n_lse)) < 1e-12
+    weight = torch.ones(sq, dtype=torch.float64)
+    weight[0] = 0.0
+    received = ref.attention_received(q.double(), k.double(), None, causal, scale, weight, chunk=5)
+    assert max_abs_err(received, (n_p * weight[:, None]).sum(2)) < 1e-12
+
+
+@cpu
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_closed_form_backward_matches_autograd(case):
+    b, sq, sk, h, hk, d, causal = case
+    q, k, v = (torch.randn(b, s, n, d, dtype=torch.float64, requires_grad=True)
+               for s, n in ((sq, h), (sk, hk), (sk, hk)))
+    out, lse = ref.attention_forward(q, k, v, causal, 0.25, chunk=8)
+    g = torch.randn_like(out)
+    auto = torch.autograd.grad(out, (q, k, v), g)
+    closed = ref.attention_backward(g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), causal, 0.25,
+                                    chunk=8)
+    for a, c in zip(auto, closed):
+        assert max_abs_err(a, c) < 1e-12
+
+
+@cpu
+def test_gradcheck_opcheck_compile():
+    q = torch.randn(1, 5, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 6, 1, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 6, 1, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: zigspark.flash_attention(*t, causal=True), (q, k, v))
+    args = (q.detach().float(), k.detach().float(), v.detach().float(), True, 0.3, "reference")
+    torch.library.opcheck(torch.ops.zigspark.attention_fwd.default, args)
+    out, lse = torch.ops.zigspark.attention_fwd(*args)
+    torch.library.opcheck(torch.ops.zigspark.attention_bwd.default, (torch.randn_like(out), *args[:3], out, lse,
+                                                                     True, 0.3, "reference"))
+    torch.library.opcheck(torch.ops.zigspark.attention_received.default, (*args[:2], None, True, 0.3, None,
+                                                                          "reference"))
+    fn = lambda t: zigspark.flash_attention(t, t, t, causal=True)  # noqa: E731
+    x = torch.randn(1, 6, 2, 8)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), fn(x))
+
+
+@cpu
+def test_received_options_and_return_values():
+    q, k, v = torch.randn(2, 10, 4, 16), torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
+    out, lse, received = zigspark.flash_attention(q, k, v, return_lse=True, return_received=True)
+    assert out.shape == q.shape and lse.shape == (2, 4, 10) and received.shape == (2, 12)
+    per_head = zigspark.attention_received(q, k, reduce_heads=None)
+    torch.testing.assert_close(per_head.sum(-1), torch.full((2, 4), 10.0))  # each query's row sums to 1
+    torch.testing.assert_close(received, per_head.mean(1))
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[0, 3]] = True
+    by_index = zigspark.attention_received(q, k, exclude_queries=[0, 3], reduce_heads="sum")
+    by_mask = zigspark.attention_received(q, k, exclude_queries=mask, reduce_heads="sum")
+    torch.testing.assert_close(by_index, by_mask)
+    torch.testing.assert_close(by_index.sum(-1), torch.full((2,), 8.0 * 4))
+    empty_rows_out, empty_lse = zigspark.flash_attention(q, k[:, :3], v[:, :3], causal=True, return_lse=True)
+    assert torch.isinf(empty_lse[:, :, :7]).all() and (empty_rows_out[:, :7] == 0).all()
+
+
+@cpu
+def test_bad_inputs():
+    q, k, v = torch.randn(2, 10, 4, 16), torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
+    cases = [
+        (dict(q=q[0]), ValueError, r"q must be \(batch, seqlen, heads, head_dim\)"),
+        (dict(k=torch.randn(3, 12, 2, 16)), ValueError, "k has batch 3 but q has batch 2"),
+        (dict(k=torch.randn(2, 12, 2, 8)), ValueError, "head_dim 8 but q has head_dim 16"),
+        (dict(k=torch.randn(2, 12, 3, 16)), ValueError, "multiple of k's 3 heads"),
+        (dict(v=torch.randn(2, 11, 2, 16)), ValueError, "v must have k's shape"),
+        (dict(q=q.half()), TypeError, "share one dtype"),
+        (dict(q=q.long()), TypeError, "q must have a floating dtype"),
+        (dict(k=k.to("meta"), v=v.to("meta")), ValueError, "same device"),
+        (dict(q=q[:, :0]), ValueError, "empty attention"),
+    ]
+    for override, exc, match in cases:
+        args = {"q": q, "k": k, "v": v, **override}
+        with pytest.raises(exc, match=match):
+            zigspark.flash_attention(args["q"], args["k"], args["v"])
+    with pytest.raises(ValueError, match="reduce_heads"):
+        zigspark.attention_received(q, k, reduce_heads="max")
+    with pytest.raises(ValueError, match=r"indices must be in \[-10, 10\)"):
+        zigspark.attention_received(q, k, exclude_queries=[10])
+    with pytest.raises(zigspark.BackendUnavailableError, match="backend='triton' cannot run here|cuda"):
+        if not zigspark.backends.triton_interpreting():
+            zigspark.flash_attention(q, k, v, backend="triton")
+        else:
+            zigspark.flash_attention(q, k, v, backend="cuda")
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------
+
+def check_attention_backend(backend, device, dtype, case, rel_floor=1e-4):
+    b, sq, sk, h, hk, d, causal = case
+    torch.manual_seed(sq * 131 + sk)
+    q64, k64, v64 = (torch.randn(b, s, n, d, dtype=torch.float64, device=device)
+                     for s, n in ((sq, h), (sk, hk), (sk, hk)))
+    g64 = torch.randn(b, sq, h, d, dtype=torch.float64, device=device)
+    exclude = [0] if sq > 1 else None
+
+    def run(dt, which):
+        q, k, v = (t.to(dt).requires_grad_(True) for t in (q64, k64, v64))
+        out, lse, received = zigspark.flash_attention(q, k, v, causal=causal, return_lse=True, return_received=True,
+                                                      exclude_queries=exclude, reduce_heads=None, backend=which)
+        grads = torch.autograd.grad(out, (q, k, v), g64.to(dt))
+        alone = zigspark.attention_received(q, k, causal=causal, exclude_queries=exclude, reduce_heads=None,
+                                            backend=which)
+        return [out.detach(), lse, received, alone, *grads]
+
+    kernel, ref64, reflow = run(dtype, backend), run(torch.float64, "reference"), run(dtype, "reference")
+    assert torch.equal(torch.isinf(kernel[1]), torch.isinf(ref64[1])), "queries without keys differ"
+    for result in (kernel, ref64, reflow):
+        result[1] = finite(result[1])
+    for name, a, r64, rlo in zip(["out", "lse", "received", "received alone", "dq", "dk", "dv"], kernel, ref64,
+                                 reflow):
+        assert_by_rule(a, r64, rlo, factor=3 if name.startswith("d") else 2, what=f"{backend} {name}",
+                       rel_floor=rel_floor)
+
+
+INTERPRET_CASES = [(1, 17, 17, 2, 1, 16, False), (1, 9, 23, 2, 2, 40, True), (1, 23, 9, 4, 2, 16, True),
+                   (1, 1, 5, 2, 2, 16, False), (1, 20, 20, 2, 2, 64, True)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=str)
+def test_triton_attention_matches_reference(triton_device, dtype, case):
+    check_attention_backend("triton", triton_device, dtype, case)
+
+
+GPU_CASES = [(2, 1, 1, 4, 4, 64, False), (2, 17, 17, 4, 2, 40, True), (1, 128, 128, 8, 1, 128, True),
+             (2, 1000, 1000, 4, 4, 64, False), (1, 1000, 777, 8, 8, 256, True), (1, 300, 1000, 8, 2, 16, True),
+             (1, 512, 512, 4, 4, 96, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_triton_attention_matches_reference(dtype, case):
+    check_attention_backend("triton", torch.device("cuda"), dtype, case)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_against_sdpa():
+    q, k, v = (torch.randn(2, 1024, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ours = zigspark.flash_attention(q, k, v, causal=True, backend="triton")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            is_causal=True).transpose(1, 2)
+    assert (ours.float() - sdpa.float()).abs().max().item() < 2e-2
+    assert math.isfinite(ours.float().sum().item())

@@ -1,0 +1,308 @@
+"""Flash attention (Dao et al.) with the attention each key receives, Triton forward and backward.
+
+Layout (batch, seqlen, heads, head_dim); query head h reads key head h // (H / H_kv). With
+s_ij = scale·q_i·k_j (causal: key j visible to query i iff j ≤ i + S_k − S_q, the bottom-right alignment):
+
+  forward   online softmax over key blocks: m ← max(m, max_j s), l ← l·e^{m_old − m} + Σ_j e^{s − m},
+            acc ← acc·e^{m_old − m} + Σ_j e^{s − m}·v_j;  o = acc / l,  lse = m + log l  (−inf, o = 0: no key)
+  backward  δ_i = Σ_d dO_id·O_id;  p = e^{s − lse};  dv_j = Σ_i p_ij·dO_i;  ds = p·(dO_i·v_j − δ_i);
+            dk_j = scale·Σ_i ds_ij·q_i  (one program per key block, looping over the query blocks and the
+            query heads of its key head);  dq_i = scale·Σ_j ds_ij·k_j  (one program per query block).
+            Both passes handle causal and non-causal attention; causal blocks with no visible pair are skipped.
+  received  r_j = Σ_i w_i·p_ij per head: one program per key block, looping over query blocks with the
+            saved lse, so nothing of size S_q × S_k is ever stored.
+
+Exponentials are taken base 2 with the scale folded into log2(e). head_dim is padded to a power of two
+(≥ 16) with masked loads, so any head_dim up to 256 works.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
+    ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+    return ok
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale_log2,
+    CAUSAL: tl.constexpr, HAS_V: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < seqlen_q
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end_n = seqlen_k
+    if CAUSAL:
+        end_n = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = tl.load(K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_s + offs_d[:, None],
+                     mask=(offs_n[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(_visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL), s * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no visible key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_V:
+            v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
+                        mask=(offs_n[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_key = l_i > 0.0
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=m_ok)
+    if HAS_V:
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2,
+           CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """p = exp(s − lse) for a (BLOCK_M, BLOCK_N) tile, 0 where not visible or the query sees no key."""
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    p = tl.exp2(s * qk_scale_log2 - lse2[:, None])
+    return tl.where(_visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL), p, 0.0)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
+    sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
+    seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, qk_scale_log2,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // kv_heads
+    hk = bhk % kv_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    n_ok = offs_n < seqlen_k
+    nd_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_s + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_s + offs_d[None, :], mask=nd_mask, other=0.0)
+    kt = tl.trans(k)
+    vt = tl.trans(v)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    start_m = 0
+    if CAUSAL:  # queries that see none of these keys are skipped
+        start_m = tl.maximum(pid_n * BLOCK_N - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
+    for h in range(hk * group, hk * group + group):
+        for m0 in range(start_m, seqlen_q, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < seqlen_q
+            md_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=md_mask, other=0.0)
+            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=md_mask,
+                         other=0.0)
+            lse = tl.load(LSE + (b * heads + h) * seqlen_q + offs_m, mask=m_ok, other=float("-inf"))
+            delta = tl.load(DELTA + (b * heads + h) * seqlen_q + offs_m, mask=m_ok, other=0.0)
+            p = _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE)
+            if IEEE:
+                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
+                dp = tl.dot(do, vt, input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p).to(do.dtype), do)
+                dp = tl.dot(do, vt)
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
+            else:
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+    tl.store(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_s + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=nd_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
+    seqlen_q, seqlen_k, heads, group, head_dim, scale, qk_scale_log2,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < seqlen_q
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=md_mask, other=0.0)
+    lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=float("-inf"))
+    delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end_n = seqlen_k
+    if CAUSAL:
+        end_n = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nd_mask = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+        k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_s + offs_d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_s + offs_d[None, :], mask=nd_mask, other=0.0)
+        p = _probs(q, tl.trans(k), lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE)
+        if IEEE:
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit
+def _attn_received_kernel(
+    Q, K, LSE, WEIGHT, R,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale_log2,
+    CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    hk = h // group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    kt = tl.load(K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_s + offs_d[:, None],
+                 mask=(offs_n[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
+    received = tl.zeros([BLOCK_N], dtype=tl.float32)
+    start_m = 0
+    if CAUSAL:
+        start_m = tl.maximum(pid_n * BLOCK_N - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
+    for m0 in range(start_m, seqlen_q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seqlen_q
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=float("-inf"))
+        p = _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE)
+        if HAS_WEIGHT:
+            p = p * tl.load(WEIGHT + offs_m, mask=m_ok, other=0.0)[:, None]
+        received += tl.sum(p, axis=0)
+    tl.store(R + bh * seqlen_k + offs_n, received, mask=offs_n < seqlen_k)
+
+
+def _blocks(head_dim: int, seqlen_q: int, seqlen_k: int):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    big = 64 if block_d <= 64 else 32
+    block_m = min(big, max(16, triton.next_power_of_2(seqlen_q)))
+    block_n = min(big, max(16, triton.next_power_of_2(seqlen_k)))
+    num_warps = 4 if block_d <= 64 else 8
+    return block_m, block_n, block_d, num_warps
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
+    """-> (out (B, S_q, H, D) or None, lse (B, H, S_q) float32). Last dims contiguous."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k)
+    lse = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q) if need_out else None
+    vv, oo = (v, out) if need_out else (k, q)  # placeholders when only lse is wanted (HAS_V = False)
+    grid = (triton.cdiv(seqlen_q, bm), batch * heads)
+    _attn_fwd_kernel[grid](
+        q, k, vv, oo, lse, *_strides(q), *_strides(k), *_strides(vv), *_strides(oo),
+        seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
+        CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+    )
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """-> (dq, dk, dv) in the inputs' dtypes."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k)
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # (B, H, S_q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    ieee = q.dtype == torch.float32
+    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, bn), batch * kv_heads)](
+        q, k, v, dout, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        seqlen_q, seqlen_k, heads, kv_heads, heads // kv_heads, head_dim, scale, scale * LOG2E,
+        CAUSAL=causal, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+    )
+    _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, bm), batch * heads)](
+        q, k, v, dout, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale, scale * LOG2E,
+        CAUSAL=causal, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+    )
+    return dq, dk, dv
+
+
+def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None):
+    """-> (B, H, S_k) float32: per head, Σ_i w_i·p_ij."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k)
+    received = torch.empty(batch, heads, seqlen_k, device=q.device, dtype=torch.float32)
+    weight = None if query_weight is None else query_weight.to(torch.float32).contiguous()
+    _attn_received_kernel[(triton.cdiv(seqlen_k, bn), batch * heads)](
+        q, k, lse, weight if weight is not None else lse, received, *_strides(q), *_strides(k),
+        seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
+        CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+    )
+    return received
