@@ -20,7 +20,9 @@ MODULES = ["zigspark", "zigspark.ops", "zigspark.ops.stat_topk", "zigspark.refer
            "zigspark.triton_kernels.stat_topk",
            "zigspark.triton_kernels.selective_scan", "zigspark.triton_kernels.causal_conv1d",
            "zigspark.triton_kernels.orders", "zigspark.orders", "zigspark.ops.selective_scan",
-           "zigspark.ops.causal_conv1d", "zigspark.compat.mamba_ssm", "zigspark.nn", "zigspark.nn.zigzag_mamba"]
+           "zigspark.ops.causal_conv1d", "zigspark.compat.mamba_ssm", "zigspark.nn", "zigspark.nn.zigzag_mamba",
+           "zigspark.ops.attention", "zigspark.triton_kernels.attention", "zigspark.compat.flash_attn",
+           "zigspark.nn.attention"]
 
 
 def _copy_source(dst: Path) -> Path:

@@ -6,6 +6,7 @@ Every op takes ``backend="auto" | "cuda" | "triton" | "reference"``; see :func:`
 from ._version import __version__
 from .backends import available_backends, last_backends
 from .errors import BackendUnavailableError
+from .nn.attention import patch_attention
 from . import nn, orders
 from .ops.attention import attention_received, flash_attention
 from .ops.causal_conv1d import causal_conv1d
@@ -19,6 +20,7 @@ __all__ = [
     "BackendUnavailableError",
     "nn",
     "orders",
+    "patch_attention",
     "attention_received",
     "causal_conv1d",
     "flash_attention",
