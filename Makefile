@@ -45,8 +45,9 @@ demo: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
+# PART=tests or PART=bench splits it over two device calls of at most 10 minutes each.
 gpu-check:
-	GPU_PYTHON=$(GPU_PYTHON) RESULTS_DIR=$(RESULTS_DIR) bash scripts/gpu_check.sh
+	GPU_PYTHON=$(GPU_PYTHON) RESULTS_DIR=$(RESULTS_DIR) PART=$(or $(PART),all) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build dist python/*.egg-info python/zigspark/_C*.so .pytest_cache

@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     if args.quick:
         configs, dtype = [(1, 64, 2, 32, True)], torch.float32
     elif device.type == "cuda":
-        configs = [(b, s, 16, d, c) for d in (64, 128) for s, b in ((512, 16), (2048, 4), (4096, 2), (16384, 1))
-                   for c in (False, True)]
+        configs = [(16, 512, 16, 128, False), (4, 2048, 16, 128, False), (2, 4096, 16, 128, False),
+                   (2, 4096, 16, 128, True), (1, 16384, 16, 128, True), (2, 4096, 16, 64, False)]
         dtype = torch.bfloat16
     else:
         configs, dtype = [(1, 512, 4, 64, False), (1, 1024, 4, 64, True)], torch.float32

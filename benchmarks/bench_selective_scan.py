@@ -89,6 +89,8 @@ def implementations(device, dtype, order, length):
     impls = {}
     for backend in backends.BACKENDS:
         if backends.unavailable_reason("selective_scan", backend, device, dtype) is None:
+            if backend == "reference" and device.type == "cuda" and length > 4096:
+                continue  # the oracle at ZigMa's longest sequence only costs the benchmark its time limit
             impls[f"zigspark-{backend} fused order"] = fused(backend, order)
             impls[f"zigspark-{backend} gather+scan+scatter"] = gather_scan_scatter(backend, order)
     baseline = mamba_ssm_baseline(order)

@@ -1,38 +1,53 @@
 #!/usr/bin/env bash
 # Whole-project check on a GPU machine that has torch, triton, nvcc and pytest but no package registry
-# (DESIGN.md §6): build the extension in place, run every test tier on the GPU, run the benchmarks, and
-# copy the results (at most 8 small files) to $RESULTS_DIR when it is set. Exits non-zero if any step
-# failed, but always runs every step so one failure does not hide the others.
+# (DESIGN.md §6): build the extension in place, run the gpu/build/interpret test tiers on the GPU, run the
+# `zigspark check` table and the benchmarks, and copy the results (at most 8 small files) to $RESULTS_DIR
+# as they are produced, so a run cut off by a time limit still returns what it finished.
+#
+#   PART=all (default) | tests | bench    split the work over two calls of at most 10 minutes each
+#
+# Every step has its own time limit; the script exits non-zero if any step failed, but runs them all.
 set -u
 PY=${GPU_PYTHON:-python3}
 OUT=${RESULTS_DIR:-}
+PART=${PART:-all}
 export PYTHONUNBUFFERED=1
 status=0
-log=benchmarks/results/gpu-check.log
 mkdir -p benchmarks/results
+log=benchmarks/results/gpu-check-$PART.log
 : > "$log"
-started=$(mktemp)   # files newer than this were written by this run
-step() {
-  echo "=== $*" | tee -a "$log"
-  "$@" 2>&1 | tee -a "$log"
-  local rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ]; then echo "=== FAILED ($rc): $*" | tee -a "$log"; status=1; fi
+started=$(mktemp)   # result files newer than this were written by this run
+
+publish() {  # copy the log and this run's result files to $RESULTS_DIR (at most 8 files in all)
+  [ -n "$OUT" ] || return 0
+  mkdir -p "$OUT"
+  cp "$log" "$OUT"/
+  find benchmarks/results -maxdepth 1 -newer "$started" \( -name '*.json' -o -name '*.png' \) | head -7 \
+    | xargs -r cp -t "$OUT"/
 }
 
-step nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-step "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
-step "$PY" -m zigspark env
-step "$PY" -m pytest -q -ra -m "gpu or build or interpret" tests
-step "$PY" -m pytest -q -ra -m cpu tests
-step "$PY" -m zigspark check --large --dtypes float32 float16 bfloat16 --json benchmarks/results/check-gpu.json
-step "$PY" benchmarks/run_all.py
+step() {  # step SECONDS command...
+  local limit=$1
+  shift
+  echo "=== [$(date +%T)] $* (limit ${limit}s)" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then echo "=== FAILED ($rc$([ "$rc" = 124 ] && echo ': time limit')): $*" | tee -a "$log"; status=1; fi
+  publish
+}
 
-if [ -n "$OUT" ]; then
-  mkdir -p "$OUT"
-  cp "$log" benchmarks/results/check-gpu.json "$OUT"/ 2>/dev/null
-  # the result files and plots this run wrote (newer than $started)
-  find benchmarks/results -maxdepth 1 -newer "$started" \( -name '*.json' -o -name '*.png' \) ! -name check-gpu.json \
-    | head -6 | xargs -r cp -t "$OUT"/
-  echo "copied results to $OUT:"; ls -la "$OUT"
+step 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+step 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+step 60 "$PY" -m zigspark env
+if [ "$PART" != bench ]; then
+  step 300 "$PY" -m pytest -q -ra -m "gpu or build or interpret" tests
 fi
+if [ "$PART" != tests ]; then
+  step 60 "$PY" -m zigspark check --large --dtypes float32 float16 bfloat16 --json benchmarks/results/check-gpu.json
+  step 60 "$PY" benchmarks/bench_stat_topk.py
+  step 120 "$PY" benchmarks/bench_selective_scan.py
+  step 150 "$PY" benchmarks/bench_attention.py
+fi
+echo "=== [$(date +%T)] done, status $status" | tee -a "$log"
+publish
 exit $status
