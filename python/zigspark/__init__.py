@@ -11,6 +11,7 @@ from . import nn, orders
 from .ops.attention import attention_received, flash_attention
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
+from .ops.spark import spark_attention, spark_ffn
 from .ops.stat_topk import stat_topk, stat_topk_threshold
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "causal_conv1d",
     "flash_attention",
     "selective_scan",
+    "spark_attention",
+    "spark_ffn",
     "stat_topk",
     "stat_topk_threshold",
 ]

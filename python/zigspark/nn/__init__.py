@@ -1,6 +1,7 @@
 """torch.nn modules built on zigspark's ops."""
 
 from .attention import FlashSelfAttention, patch_attention
+from .spark import GatedFFN, SparkAttention, SparkFFN
 from .zigzag_mamba import ZigzagMamba
 
-__all__ = ["FlashSelfAttention", "ZigzagMamba", "patch_attention"]
+__all__ = ["FlashSelfAttention", "GatedFFN", "SparkAttention", "SparkFFN", "ZigzagMamba", "patch_attention"]

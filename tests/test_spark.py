@@ -1,0 +1,133 @@
+"""Spark FFN and Spark attention (reference): formulas against naive loops, sparse = dense-masked,
+densities near the target, gradients, bad inputs."""
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zigspark
+from zigspark.nn import SparkAttention, SparkFFN
+
+from numerics import assert_by_rule, max_abs_err
+
+pytestmark = pytest.mark.cpu
+
+
+def ffn_params(d=32, f=200, r=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) / math.sqrt(s[-1])
+            for s in ((f, r), (f, d - r), (d, f))]
+
+
+def test_spark_ffn_matches_formula_and_sparse_equals_dense():
+    K1, K2, V = ffn_params()
+    x = torch.randn(4, 7, 32, dtype=torch.float64)
+    out, mask = zigspark.spark_ffn(x, K1, K2, V, 0.1, return_mask=True)
+    p = x[..., :8] @ K1.T
+    z = statistics.NormalDist().inv_cdf(0.9)
+    theta = p.mean(-1, keepdim=True) + z * p.std(-1, unbiased=False, keepdim=True)
+    expected = (F.gelu(torch.relu(p - theta)) * (x[..., 8:] @ K2.T)) @ V.T
+    assert max_abs_err(out, expected) < 1e-12
+    assert torch.equal(mask, p > theta)
+    x32 = x.float()
+    sparse = zigspark.spark_ffn(x32, *(t.float() for t in (K1, K2, V)), 0.1, sparse=True)
+    dense32 = zigspark.spark_ffn(x32, *(t.float() for t in (K1, K2, V)), 0.1)
+    assert_by_rule(sparse, out, dense32, what="sparse FFN")
+
+
+def test_spark_ffn_density_and_gradients():
+    K1, K2, V = ffn_params(d=64, f=2000, r=16)
+    x = torch.randn(64, 64, dtype=torch.float64)
+    _, mask = zigspark.spark_ffn(x, K1, K2, V, 0.08, return_mask=True)
+    assert abs(mask.double().mean().item() - 0.08) < 0.02
+    small = [t.detach()[:50].clone() if i < 2 else t.detach()[:, :50].clone() for i, t in enumerate(ffn_params())]
+    leaves = [torch.randn(3, 32, dtype=torch.float64, requires_grad=True)] + [t.requires_grad_(True) for t in small]
+    assert torch.autograd.gradcheck(lambda x, a, b, c: zigspark.spark_ffn(x, a, b, c, 0.2), tuple(leaves))
+
+
+def test_spark_ffn_module_paths_and_dense_equivalent():
+    layer = SparkFFN(32, 256, density=0.1).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        sparse = layer(x)
+        layer.sparse_inference = False
+        dense = layer(x)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    baseline = layer.dense_equivalent()
+    n_spark = sum(p.numel() for p in layer.parameters())
+    n_dense = sum(p.numel() for p in baseline.parameters())
+    assert abs(n_dense - n_spark) <= 3 * 32 and baseline(x).shape == x.shape
+
+
+def test_spark_ffn_bad_inputs():
+    K1, K2, V = ffn_params()
+    x = torch.randn(2, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"density must be in the open interval"):
+        zigspark.spark_ffn(x, K1, K2, V, 1.0)
+    with pytest.raises(ValueError, match=r"K2 must be \(d_ff, d_model − r\)"):
+        zigspark.spark_ffn(x, K1, K2[:, :5], V, 0.1)
+    with pytest.raises(ValueError, match=r"V must be"):
+        zigspark.spark_ffn(x, K1, K2, V.T, 0.1)
+    with pytest.raises(ValueError, match=r"predictor_dim must satisfy"):
+        SparkFFN(16, 64, predictor_dim=16)
+
+
+def naive_spark_attention(q, k, v, top_k, r, causal):
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    out = torch.zeros(b, sq, h, d, dtype=torch.float64)
+    kept = torch.zeros(b, h, sq, dtype=torch.long)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(sq):
+                n = i + sk - sq + 1 if causal else sk
+                if n <= 0:
+                    continue
+                qi, ks, vs = q[bi, i, hi].double(), k[bi, :n, hi].double(), v[bi, :n, hi].double()
+                s1 = ks[:, :r] @ qi[:r] / math.sqrt(r)
+                s2 = ks[:, r:] @ qi[r:] / math.sqrt(d - r)
+                if n > top_k:
+                    theta = s1.mean() + s1.std(unbiased=False) * statistics.NormalDist().inv_cdf(1 - top_k / n)
+                    keep = s1 > theta
+                else:
+                    keep = torch.ones(n, dtype=torch.bool)
+                w = torch.softmax(s1.masked_fill(~keep, -math.inf), 0) * F.softplus(s2)
+                out[bi, i, hi] = w @ vs
+                kept[bi, hi, i] = keep.sum()
+    return out, kept
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_spark_attention_matches_naive(causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 30, 2, 16, dtype=torch.float64) for _ in range(3))
+    out, kept = zigspark.spark_attention(q, k, v, top_k=6, predictor_dim=4, causal=causal, chunk=7, return_kept=True)
+    ref_out, ref_kept = naive_spark_attention(q, k, v, 6, 4, causal)
+    assert max_abs_err(out, ref_out) < 1e-12
+    assert torch.equal(kept, ref_kept)
+
+
+def test_spark_attention_keeps_about_top_k_and_dense_when_short():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2000, 2, 32, dtype=torch.float64) for _ in range(3))
+    _, kept = zigspark.spark_attention(q, k, v, top_k=64, causal=False, return_kept=True)
+    assert abs(kept.double().mean().item() - 64) < 0.25 * 64
+    _, kept = zigspark.spark_attention(q[:, :50], k[:, :50], v[:, :50], top_k=256, causal=True, return_kept=True)
+    assert torch.equal(kept[0, 0], torch.arange(1, 51))  # top_k ≥ visible keys: every visible key is kept
+
+
+def test_spark_attention_module_gradients_and_bad_inputs():
+    layer = SparkAttention(32, heads=2, head_dim=16, top_k=4).double()
+    x = torch.randn(1, 12, 32, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    q = torch.randn(1, 5, 2, 16)
+    with pytest.raises(ValueError, match="predictor_dim r = 16"):
+        zigspark.spark_attention(q, q, q, 4, predictor_dim=16)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        zigspark.spark_attention(q, q, q, 0)
+    with pytest.raises(ValueError, match="must agree"):
+        zigspark.spark_attention(q, q[:, :, :1], q, 4)
