@@ -47,6 +47,7 @@ if [ "$PART" != tests ]; then
   step 60 "$PY" benchmarks/bench_stat_topk.py
   step 120 "$PY" benchmarks/bench_selective_scan.py
   step 150 "$PY" benchmarks/bench_attention.py
+  step 60 "$PY" benchmarks/bench_spark.py
 fi
 echo "=== [$(date +%T)] done, status $status" | tee -a "$log"
 publish

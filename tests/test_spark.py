@@ -13,7 +13,6 @@ from zigspark.nn import SparkAttention, SparkFFN
 
 from numerics import assert_by_rule, max_abs_err
 
-pytestmark = pytest.mark.cpu
 
 
 def ffn_params(d=32, f=200, r=8, dtype=torch.float64, seed=0):
@@ -22,6 +21,7 @@ def ffn_params(d=32, f=200, r=8, dtype=torch.float64, seed=0):
             for s in ((f, r), (f, d - r), (d, f))]
 
 
+@pytest.mark.cpu
 def test_spark_ffn_matches_formula_and_sparse_equals_dense():
     K1, K2, V = ffn_params()
     x = torch.randn(4, 7, 32, dtype=torch.float64)
@@ -38,6 +38,7 @@ def test_spark_ffn_matches_formula_and_sparse_equals_dense():
     assert_by_rule(sparse, out, dense32, what="sparse FFN")
 
 
+@pytest.mark.cpu
 def test_spark_ffn_density_and_gradients():
     K1, K2, V = ffn_params(d=64, f=2000, r=16)
     x = torch.randn(64, 64, dtype=torch.float64)
@@ -48,6 +49,7 @@ def test_spark_ffn_density_and_gradients():
     assert torch.autograd.gradcheck(lambda x, a, b, c: zigspark.spark_ffn(x, a, b, c, 0.2), tuple(leaves))
 
 
+@pytest.mark.cpu
 def test_spark_ffn_module_paths_and_dense_equivalent():
     layer = SparkFFN(32, 256, density=0.1).eval()
     x = torch.randn(2, 5, 32)
@@ -62,6 +64,7 @@ def test_spark_ffn_module_paths_and_dense_equivalent():
     assert abs(n_dense - n_spark) <= 3 * 32 and baseline(x).shape == x.shape
 
 
+@pytest.mark.cpu
 def test_spark_ffn_bad_inputs():
     K1, K2, V = ffn_params()
     x = torch.randn(2, 32, dtype=torch.float64)
@@ -100,6 +103,7 @@ def naive_spark_attention(q, k, v, top_k, r, causal):
     return out, kept
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_spark_attention_matches_naive(causal):
     torch.manual_seed(0)
@@ -110,6 +114,7 @@ def test_spark_attention_matches_naive(causal):
     assert torch.equal(kept, ref_kept)
 
 
+@pytest.mark.cpu
 def test_spark_attention_keeps_about_top_k_and_dense_when_short():
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2000, 2, 32, dtype=torch.float64) for _ in range(3))
@@ -119,6 +124,7 @@ def test_spark_attention_keeps_about_top_k_and_dense_when_short():
     assert torch.equal(kept[0, 0], torch.arange(1, 51))  # top_k ≥ visible keys: every visible key is kept
 
 
+@pytest.mark.cpu
 def test_spark_attention_module_gradients_and_bad_inputs():
     layer = SparkAttention(32, heads=2, head_dim=16, top_k=4).double()
     x = torch.randn(1, 12, 32, dtype=torch.float64, requires_grad=True)
@@ -131,3 +137,26 @@ def test_spark_attention_module_gradients_and_bad_inputs():
         zigspark.spark_attention(q, q, q, 0)
     with pytest.raises(ValueError, match="must agree"):
         zigspark.spark_attention(q, q[:, :, :1], q, 4)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_sparse_ffn_matches_dense(triton_device, dtype):
+    K1, K2, V = (t.to(triton_device) for t in ffn_params(d=40, f=300, r=10))
+    x = torch.randn(3, 40, dtype=torch.float64, device=triton_device)
+    dense64 = zigspark.spark_ffn(x, K1, K2, V, 0.1)
+    low = [t.to(dtype) for t in (x, K1, K2, V)]
+    sparse = zigspark.spark_ffn(*low, 0.1, sparse=True, backend="triton")
+    assert_by_rule(sparse, dense64, zigspark.spark_ffn(*low, 0.1), what="triton sparse FFN", rel_floor=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_gpu_triton_sparse_ffn_matches_dense(dtype, tokens):
+    K1, K2, V = (t.cuda() for t in ffn_params(d=1024, f=4096, r=256))
+    x = torch.randn(tokens, 1024, dtype=torch.float64, device="cuda")
+    dense64 = zigspark.spark_ffn(x, K1, K2, V, 0.08)
+    low = [t.to(dtype) for t in (x, K1, K2, V)]
+    sparse = zigspark.spark_ffn(*low, 0.08, sparse=True, backend="triton")
+    assert_by_rule(sparse, dense64, zigspark.spark_ffn(*low, 0.08), what="triton sparse FFN", rel_floor=1e-5)

@@ -18,8 +18,9 @@ are scaled by 1/√r and the gate scores by 1/√(D − r); the softplus gate mu
 without renormalising; the statistics of the top-k use the population std over the visible keys.
 
 Training runs the dense-masked computation (exact gradients, through stat_topk's backward for the FFN).
-Inference can run `spark_ffn(..., sparse=True)`, which computes only the active neurons; today its
-backends are the reference (a per-token gather); the fused Triton/CUDA kernels are open work (#5).
+Inference can run `spark_ffn(..., sparse=True)`, which computes only the active neurons: the reference
+gathers them per token; Triton (triton_kernels/spark_ffn.py) masks inactive K2 rows and Vᵀ rows out of
+its loads. A CUDA kernel and a fused Spark-attention kernel are open work (#5).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..validation import check_float_tensor, check_same_device
 from .stat_topk import stat_topk
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-backends.register_op("spark_ffn", {"reference": _DTYPES})
+backends.register_op("spark_ffn", {"reference": _DTYPES, "triton": _DTYPES[:3]})
 backends.register_op("spark_attention", {"reference": _DTYPES})
 
 
@@ -70,7 +71,15 @@ def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, ba
     if not sparse:
         out = F.linear(F.gelu(gate) * F.linear(x[..., r:], K2), V)
         return (out, mask) if return_mask else out
-    del chosen  # the only sparse backend today is the reference
+    if chosen == "triton":
+        from ..triton_kernels.spark_ffn import spark_ffn_sparse
+
+        with torch.no_grad():
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            out = spark_ffn_sparse(flat, gate.reshape(-1, K1.shape[0]).contiguous(), K2.contiguous(),
+                                   V.t().contiguous(), r)
+        out = out.reshape(x.shape)
+        return (out, mask) if return_mask else out
     with torch.no_grad():
         flat_x, flat_gate, flat_mask = x.reshape(-1, x.shape[-1]), gate.reshape(-1, K1.shape[0]), \
             mask.reshape(-1, K1.shape[0])
