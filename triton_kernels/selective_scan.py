@@ -72,6 +72,21 @@ def _chunk_inputs(U, DELTA, DBIAS, b, d, d_ok, pos, t_ok, dim, L,
 
 
 @triton.jit
+def _chunk_states(B, C, A_dn, u, delta, h0, b, d, n, pos, dn_ok, t_ok, dim, N, L, groups,
+                  B_MODE: tl.constexpr, C_MODE: tl.constexpr):
+    """B, C and every state of one chunk from the state h0 entering it: an associative scan of (a, b)."""
+    bc_mask = dn_ok[:, :, None] & t_ok[None, None, :]
+    b_offs = _bc_offsets(b, d, n, pos, dim, N, L, groups, B_MODE)
+    c_offs = _bc_offsets(b, d, n, pos, dim, N, L, groups, C_MODE)
+    Bt = tl.load(B + b_offs, mask=bc_mask, other=0.0).to(tl.float32)
+    Ct = tl.load(C + c_offs, mask=bc_mask, other=0.0).to(tl.float32)
+    a = tl.exp(delta[:, None, :] * A_dn[:, :, None])
+    bterm = (delta * u)[:, None, :] * Bt
+    a_cum, b_cum = tl.associative_scan((a, bterm), axis=2, combine_fn=_combine)
+    return bc_mask, b_offs, c_offs, Bt, Ct, bterm, a_cum * h0[:, :, None] + b_cum
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     U, DELTA, A, B, C, D, Z, DBIAS, OUT, LAST, CKPT, ORDER,
     dim, L, N, groups, n_chunks, frames, grid_h, grid_w,
@@ -96,14 +111,9 @@ def _selective_scan_fwd_kernel(
         t_ok = t < L
         pos = order_position(t, ORDER, L, frames, grid_h, grid_w, KIND, PATH, REVERSE)
         offs, valid, u, delta, _ = _chunk_inputs(U, DELTA, DBIAS, b, d, d_ok, pos, t_ok, dim, L, HAS_BIAS, SOFTPLUS)
-        bc_mask = dn_ok[:, :, None] & t_ok[None, None, :]
-        Bt = tl.load(B + _bc_offsets(b, d, n, pos, dim, N, L, groups, B_MODE), mask=bc_mask, other=0.0)
-        Ct = tl.load(C + _bc_offsets(b, d, n, pos, dim, N, L, groups, C_MODE), mask=bc_mask, other=0.0)
-        a = tl.exp(delta[:, None, :] * A_dn[:, :, None])
-        bterm = (delta * u)[:, None, :] * Bt.to(tl.float32)
-        a_cum, b_cum = tl.associative_scan((a, bterm), axis=2, combine_fn=_combine)
-        hs = a_cum * h[:, :, None] + b_cum
-        y = tl.sum(hs * Ct.to(tl.float32), axis=1)
+        _, _, _, Bt, Ct, _, hs = _chunk_states(B, C, A_dn, u, delta, h, b, d, n, pos, dn_ok, t_ok, dim, N, L,
+                                                groups, B_MODE, C_MODE)
+        y = tl.sum(hs * Ct, axis=1)
         if HAS_D:
             y += tl.load(D + d, mask=d_ok, other=0.0).to(tl.float32)[:, None] * u
         if HAS_Z:
@@ -149,17 +159,10 @@ def _selective_scan_bwd_kernel(
         pos = order_position(t, ORDER, L, frames, grid_h, grid_w, KIND, PATH, REVERSE)
         offs, valid, u, delta, pre = _chunk_inputs(U, DELTA, DBIAS, b, d, d_ok, pos, t_ok, dim, L, HAS_BIAS,
                                                    SOFTPLUS)
-        bc_mask = dn_ok[:, :, None] & t_ok[None, None, :]
-        b_offs = _bc_offsets(b, d, n, pos, dim, N, L, groups, B_MODE)
-        c_offs = _bc_offsets(b, d, n, pos, dim, N, L, groups, C_MODE)
-        Bt = tl.load(B + b_offs, mask=bc_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C + c_offs, mask=bc_mask, other=0.0).to(tl.float32)
         # recompute the chunk's states from the saved state entering it
-        a = tl.exp(delta[:, None, :] * A_dn[:, :, None])
-        bterm = (delta * u)[:, None, :] * Bt
-        a_cum, b_cum = tl.associative_scan((a, bterm), axis=2, combine_fn=_combine)
         h0 = tl.load(ckpt + c * N, mask=dn_ok, other=0.0)
-        hs = a_cum * h0[:, :, None] + b_cum
+        bc_mask, b_offs, c_offs, Bt, Ct, bterm, hs = _chunk_states(B, C, A_dn, u, delta, h0, b, d, n, pos, dn_ok, t_ok,
+                                                                   dim, N, L, groups, B_MODE, C_MODE)
         g = tl.load(DOUT + offs, mask=valid, other=0.0).to(tl.float32)
         if HAS_Z:
             y = tl.sum(hs * Ct, axis=1)

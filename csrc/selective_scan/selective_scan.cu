@@ -92,6 +92,29 @@ __device__ __forceinline__ void load_bc(const SelectiveScanParams& p, int64_t b,
   }
 }
 
+// The states of this thread's steps for state n, seeded with h_chunk (the state entering the chunk): B and
+// C loaded, the thread's steps composed into one affine map, a block-wide scan for the maps of the threads
+// before it. Returns the state before this thread's first step. Every thread of the block must call it.
+template <typename T, int B_MODE, int C_MODE>
+__device__ __forceinline__ float chunk_states(const SelectiveScanParams& p, int64_t b, int64_t d, int n, float A_n,
+                                              const ChunkInputs<T>& in, float h_chunk, float* Bv, float* Cv,
+                                              float* a, float* bt, float* h) {
+  load_bc<T, B_MODE, C_MODE>(p, b, d, n, in, Bv, Cv);
+  AffineMap mine = affine_identity();
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    a[i] = expf(in.delta[i] * A_n);
+    bt[i] = in.delta[i] * in.u[i] * Bv[i];
+    mine = affine_then(mine, {a[i], bt[i]});
+  }
+  const AffineMap before = block_exclusive_scan<kThreads, false>(mine);
+  const float h_in = before.a * h_chunk + before.b;
+  float hv = h_in;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) h[i] = hv = a[i] * hv + bt[i];
+  return h_in;
+}
+
 // ---- forward -------------------------------------------------------------------------------------------
 
 template <typename T, int B_MODE, int C_MODE, bool HAS_Z>
@@ -112,24 +135,12 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(SelectiveScanParams 
     load_chunk<T>(p, b, d, c * kChunk + threadIdx.x * kItems, HAS_Z, in);
     float y[kItems] = {};
     for (int n = 0; n < N; ++n) {
-      float Bv[kItems], Cv[kItems], a[kItems], bt[kItems];
-      load_bc<T, B_MODE, C_MODE>(p, b, d, n, in, Bv, Cv);
-      AffineMap mine = affine_identity();
+      float Bv[kItems], Cv[kItems], a[kItems], bt[kItems], h[kItems];
+      chunk_states<T, B_MODE, C_MODE>(p, b, d, n, A[n], in, carry[n], Bv, Cv, a, bt, h);
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        a[i] = expf(in.delta[i] * A[n]);
-        bt[i] = in.delta[i] * in.u[i] * Bv[i];
-        mine = affine_then(mine, {a[i], bt[i]});
-      }
-      const AffineMap before = block_exclusive_scan<kThreads, false>(mine);
-      float h = before.a * carry[n] + before.b;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        h = a[i] * h + bt[i];
-        y[i] += Cv[i] * h;
-      }
+      for (int i = 0; i < kItems; ++i) y[i] += Cv[i] * h[i];
       __syncthreads();  // everyone has read carry[n]
-      if (threadIdx.x == kThreads - 1) carry[n] = h;
+      if (threadIdx.x == kThreads - 1) carry[n] = h[kItems - 1];
     }
     const float Dd = p.D ? reinterpret_cast<const float*>(p.D)[d] : 0.f;
 #pragma unroll
@@ -179,22 +190,10 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SelectiveScanParams 
     if (HAS_Z) {  // the gate needs y before it: one recompute pass over the states
       float y[kItems] = {};
       for (int n = 0; n < N; ++n) {
-        float Bv[kItems], Cv[kItems], a[kItems], bt[kItems];
-        load_bc<T, B_MODE, C_MODE>(p, b, d, n, in, Bv, Cv);
-        AffineMap mine = affine_identity();
+        float Bv[kItems], Cv[kItems], a[kItems], bt[kItems], h[kItems];
+        chunk_states<T, B_MODE, C_MODE>(p, b, d, n, A[n], in, ckpt[c * N + n], Bv, Cv, a, bt, h);
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          a[i] = expf(in.delta[i] * A[n]);
-          bt[i] = in.delta[i] * in.u[i] * Bv[i];
-          mine = affine_then(mine, {a[i], bt[i]});
-        }
-        const AffineMap before = block_exclusive_scan<kThreads, false>(mine);
-        float h = before.a * ckpt[c * N + n] + before.b;
-#pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          h = a[i] * h + bt[i];
-          y[i] += Cv[i] * h;
-        }
+        for (int i = 0; i < kItems; ++i) y[i] += Cv[i] * h[i];
       }
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
@@ -207,19 +206,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SelectiveScanParams 
 
     for (int n = 0; n < N; ++n) {
       float Bv[kItems], Cv[kItems], a[kItems], bt[kItems], h[kItems];
-      load_bc<T, B_MODE, C_MODE>(p, b, d, n, in, Bv, Cv);
-      AffineMap mine = affine_identity();
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        a[i] = expf(in.delta[i] * A[n]);
-        bt[i] = in.delta[i] * in.u[i] * Bv[i];
-        mine = affine_then(mine, {a[i], bt[i]});
-      }
-      const AffineMap before = block_exclusive_scan<kThreads, false>(mine);
-      const float h_in = before.a * ckpt[c * N + n] + before.b;  // state before this thread's first step
-      float hv = h_in;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) h[i] = hv = a[i] * hv + bt[i];
+      const float h_in = chunk_states<T, B_MODE, C_MODE>(p, b, d, n, A[n], in, ckpt[c * N + n], Bv, Cv, a, bt, h);
 
       // adjoint: ∂h_t = a_{t+1}·∂h_{t+1} + g_t·C_t, from the last step of the chunk backwards
       first_a[threadIdx.x] = a[0];
