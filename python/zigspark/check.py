@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from . import backends, orders
+from .ops.attention import attention_received, flash_attention
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
 from .ops.stat_topk import stat_topk
@@ -28,6 +29,7 @@ class OpCase:
     op: str                                              # name in the backend registry
     make_inputs: Callable[[torch.device, torch.dtype], list[torch.Tensor]]
     run: Callable[..., torch.Tensor]                     # run(*inputs, backend=...) -> output
+    differentiable: bool = True
 
 
 def _stat_topk_case(large: bool) -> OpCase:
@@ -72,15 +74,34 @@ def _causal_conv1d_case(large: bool) -> OpCase:
                   lambda x, wt, b, backend: causal_conv1d(x, wt, b, "silu", order=order, backend=backend))
 
 
+def _attention_cases(large: bool) -> list[OpCase]:
+    batch, seqlen, heads, kv_heads, head_dim = (2, 2048, 16, 4, 128) if large else (1, 100, 4, 2, 40)
+
+    def make(device, dtype):
+        return [torch.randn(batch, seqlen, h, head_dim, device=device, dtype=dtype)
+                for h in (heads, kv_heads, kv_heads)]
+
+    return [
+        OpCase(f"flash_attention causal {seqlen}", "flash_attention", make,
+               lambda q, k, v, backend: flash_attention(q, k, v, causal=True, backend=backend)),
+        OpCase(f"attention_received {seqlen}", "attention_received", make,
+               lambda q, k, v, backend: attention_received(q, k, exclude_queries=[0], backend=backend),
+               differentiable=False),
+    ]
+
+
 def cases(large: bool) -> list[OpCase]:
-    return [_stat_topk_case(large), _selective_scan_case(large), _causal_conv1d_case(large)]
+    return [_stat_topk_case(large), _selective_scan_case(large), _causal_conv1d_case(large),
+            *_attention_cases(large)]
 
 
 def _forward_backward(case: OpCase, inputs, backend):
+    if not case.differentiable:
+        return case.run(*inputs, backend=backend).detach(), [torch.zeros(())]
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = case.run(*leaves, backend=backend)
-    torch.manual_seed(1)
-    grad_out = torch.randn_like(out)
+    # the same upstream gradient for every dtype: drawn in float32 on the CPU, then cast
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     grads = torch.autograd.grad(out, leaves, grad_out)
     return out.detach(), [g.detach() for g in grads]
 
