@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/dtype.h"
+#include "attention/attention.h"
 #include "causal_conv1d/causal_conv1d.h"
 #include "selective_scan/selective_scan.h"
 #include "stat_topk/stat_topk.h"
@@ -188,4 +189,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("silu"), py::arg("order_kind"), py::arg("order_frames"), py::arg("order_h"), py::arg("order_w"),
       py::arg("order_path"), py::arg("order_reverse"), py::arg("order_index"), py::arg("device"),
       py::arg("stream"));
+
+  m.def(
+      "attention_forward",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t batch, int64_t seqlen_q,
+         int64_t seqlen_k, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t q_stride_b, int64_t q_stride_s,
+         int64_t q_stride_h, int64_t k_stride_b, int64_t k_stride_s, int64_t k_stride_h, int64_t v_stride_b,
+         int64_t v_stride_s, int64_t v_stride_h, int64_t out_stride_b, int64_t out_stride_s, int64_t out_stride_h,
+         double scale, bool causal, int dtype, int device, uintptr_t stream) {
+        AttentionForwardArgs a;
+        a.q = q; a.k = k; a.v = v; a.out = out; a.lse = lse;
+        a.batch = batch; a.seqlen_q = seqlen_q; a.seqlen_k = seqlen_k; a.heads = heads; a.kv_heads = kv_heads;
+        a.head_dim = head_dim;
+        a.q_stride_b = q_stride_b; a.q_stride_s = q_stride_s; a.q_stride_h = q_stride_h;
+        a.k_stride_b = k_stride_b; a.k_stride_s = k_stride_s; a.k_stride_h = k_stride_h;
+        a.v_stride_b = v_stride_b; a.v_stride_s = v_stride_s; a.v_stride_h = v_stride_h;
+        a.out_stride_b = out_stride_b; a.out_stride_s = out_stride_s; a.out_stride_h = out_stride_h;
+        a.scale = float(scale); a.causal = causal; a.dtype = dtype; a.device = device; a.stream = stream;
+        py::gil_scoped_release release;
+        attention_forward(a);
+      },
+      "flash attention forward (attention.h): out like q, lse (batch, heads, seqlen_q) float32; v = out = 0: lse only",
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("batch"),
+      py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+      py::arg("q_stride_b"), py::arg("q_stride_s"), py::arg("q_stride_h"), py::arg("k_stride_b"),
+      py::arg("k_stride_s"), py::arg("k_stride_h"), py::arg("v_stride_b"), py::arg("v_stride_s"),
+      py::arg("v_stride_h"), py::arg("out_stride_b"), py::arg("out_stride_s"), py::arg("out_stride_h"),
+      py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
 }

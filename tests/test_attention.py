@@ -192,16 +192,18 @@ GPU_CASES = [(2, 1, 1, 4, 4, 64, False), (2, 17, 17, 4, 2, 40, True), (1, 128, 1
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_gpu_triton_attention_matches_reference(dtype, case):
-    check_attention_backend("triton", torch.device("cuda"), dtype, case)
+def test_gpu_attention_matches_reference(backend, dtype, case):
+    check_attention_backend(backend, torch.device("cuda"), dtype, case)
 
 
 @pytest.mark.gpu
-def test_gpu_attention_against_sdpa():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_attention_against_sdpa(backend):
     q, k, v = (torch.randn(2, 1024, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    ours = zigspark.flash_attention(q, k, v, causal=True, backend="triton")
+    ours = zigspark.flash_attention(q, k, v, causal=True, backend=backend)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                             is_causal=True).transpose(1, 2)
     assert (ours.float() - sdpa.float()).abs().max().item() < 2e-2

@@ -22,7 +22,9 @@ MODULES = ["zigspark", "zigspark.ops", "zigspark.ops.stat_topk", "zigspark.refer
            "zigspark.triton_kernels.orders", "zigspark.orders", "zigspark.ops.selective_scan",
            "zigspark.ops.causal_conv1d", "zigspark.compat.mamba_ssm", "zigspark.nn", "zigspark.nn.zigzag_mamba",
            "zigspark.ops.attention", "zigspark.triton_kernels.attention", "zigspark.compat.flash_attn",
-           "zigspark.nn.attention", "zigspark.ops.spark", "zigspark.nn.spark"]
+           "zigspark.nn.attention", "zigspark.ops.spark", "zigspark.nn.spark",
+           "zigspark.triton_kernels.spark_ffn", "zigspark.cuda_ops.attention", "zigspark.cuda_ops.selective_scan",
+           "zigspark.cuda_ops.causal_conv1d", "zigspark.cuda_ops.orders"]
 
 
 def _copy_source(dst: Path) -> Path:

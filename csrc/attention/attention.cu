@@ -538,7 +538,8 @@ void dispatch_bool(bool value, Fn&& fn) {
 
 // Rows of a (batch, seq, heads, head_dim) tensor move in 16-byte packs: aligned base, and every stride of
 // a dimension longer than 1 and head_dim multiples of the pack width.
-bool vectorizable(uintptr_t ptr, int elem_bytes, int64_t head_dim, std::initializer_list<std::pair<int64_t, int64_t>> dims) {
+bool vectorizable(uintptr_t ptr, int elem_bytes, int64_t head_dim,
+                  std::initializer_list<std::pair<int64_t, int64_t>> dims) {
   const int64_t vec = 16 / elem_bytes;
   if (ptr % 16 != 0 || head_dim % vec != 0) return false;
   for (auto [size, stride] : dims) {
@@ -588,7 +589,7 @@ void attention_forward(const AttentionForwardArgs& a) {
   if (a.batch < 0 || a.seqlen_q < 0 || a.seqlen_k < 0 || a.heads < 0 || a.kv_heads < 0) fail("negative size");
   if (a.head_dim < 1 || a.head_dim > 256) fail("head_dim must be in 1..256, got " + std::to_string(a.head_dim));
   if (a.dtype != int(DType::Float32) && a.dtype != int(DType::Float16) && a.dtype != int(DType::BFloat16))
-    fail(std::string("unsupported dtype ") + dtype_name(a.dtype) + " (the CUDA kernel takes float32, float16, bfloat16)");
+    fail(std::string("unsupported dtype ") + dtype_name(a.dtype) + " (takes float32, float16, bfloat16)");
   if ((a.v == 0) != (a.out == 0)) fail("v and out must both be given, or both be 0 (lse only)");
   if (a.batch == 0 || a.heads == 0 || a.seqlen_q == 0) return;
   if (a.kv_heads < 1 || a.heads % a.kv_heads != 0) fail("heads must be a multiple of kv_heads");
@@ -622,7 +623,8 @@ void attention_forward(const AttentionForwardArgs& a) {
   p.m_blocks = 0;
   p.scale_log2 = float(double(a.scale) * kLog2e);
   p.vec = 0;
-  if (vectorizable(a.q, elem, a.head_dim, {{a.batch, a.q_stride_b}, {a.seqlen_q, a.q_stride_s}, {a.heads, a.q_stride_h}}))
+  if (vectorizable(a.q, elem, a.head_dim,
+                   {{a.batch, a.q_stride_b}, {a.seqlen_q, a.q_stride_s}, {a.heads, a.q_stride_h}}))
     p.vec |= kVecQ;
   if (vectorizable(a.k, elem, a.head_dim,
                    {{a.batch, a.k_stride_b}, {a.seqlen_k, a.k_stride_s}, {a.kv_heads, a.k_stride_h}}))

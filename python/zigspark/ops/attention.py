@@ -8,7 +8,8 @@ masking aligned to the bottom-right corner. Nothing of size seqlen_q × seqlen_k
 kernels (the reference chunks over queries).
 
 Registered as ``zigspark::attention_fwd`` / ``attention_bwd`` / ``attention_received``. Backends today:
-reference and Triton.
+reference and Triton for everything; CUDA for the forward (its backward and the received sums run the
+Triton kernels on the CUDA forward's out and lse).
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from ..validation import check_float_tensor, check_same_device, last_dim_contigu
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
-backends.register_op("flash_attention", {"reference": _DTYPES, "triton": _DTYPES[:3]})
+backends.register_op("flash_attention", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]})
 backends.register_op("attention_received", {"reference": _DTYPES, "triton": _DTYPES[:3]})
 
 
 def _kernels():
     from ..triton_kernels import attention as kernels
+
+    return kernels
+
+
+def _cuda_kernels():
+    from ..cuda_ops import attention as kernels
 
     return kernels
 
@@ -42,6 +49,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     """-> (out (B, S_q, H, D) in q's dtype, lse (B, H, S_q) float32, or float64 for float64 inputs)."""
     if backend == "triton":
         return _kernels().attention_fwd(q, k, v, causal, scale)
+    if backend == "cuda":
+        return _cuda_kernels().attention_fwd(q, k, v, causal, scale)
     with torch.no_grad():
         out, lse = ref.attention_forward(q, k, v, causal, scale)
     return torch.empty_like(q).copy_(out), lse.contiguous()  # q's strides, as the kernels and the fake give
@@ -57,7 +66,8 @@ def _(q, k, v, causal, scale, backend):
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, causal: bool, scale: float, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
+    triton_ok = backends.unavailable_reason("flash_attention", "triton", q.device, q.dtype) is None
+    if backend == "triton" or (backend == "cuda" and triton_ok):  # the CUDA backend's backward is Triton's
         return _kernels().attention_bwd(dout, q, k, v, out, lse, causal, scale)
     grads = ref.attention_backward(dout, q, k, v, out, lse, causal, scale)
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
@@ -89,7 +99,8 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def attention_received_op(q: torch.Tensor, k: torch.Tensor, lse: Optional[torch.Tensor], causal: bool,
                           scale: float, query_weight: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     """(B, H, S_k) float32 (float64 for float64 inputs): Σ_i w_i·p_ij per head; lse recomputed if absent."""
-    if backend == "triton":
+    triton_ok = backends.unavailable_reason("attention_received", "triton", q.device, q.dtype) is None
+    if backend == "triton" or (backend == "cuda" and triton_ok):  # received sums have a Triton kernel only
         kernels = _kernels()
         if lse is None:
             _, lse = kernels.attention_fwd(q, k, None, causal, scale, need_out=False)
