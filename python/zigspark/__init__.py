@@ -13,6 +13,7 @@ from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
 from .ops.spark import spark_attention, spark_ffn
 from .ops.stat_topk import stat_topk, stat_topk_threshold
+from .ops.token_prune import hiprune_select, prune_tokens
 
 __all__ = [
     "__version__",
@@ -22,9 +23,11 @@ __all__ = [
     "nn",
     "orders",
     "patch_attention",
+    "prune_tokens",
     "attention_received",
     "causal_conv1d",
     "flash_attention",
+    "hiprune_select",
     "selective_scan",
     "spark_attention",
     "spark_ffn",

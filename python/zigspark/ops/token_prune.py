@@ -1,0 +1,124 @@
+"""HiPrune token selection (arXiv 2508.00553) and the gather that follows, batched.
+
+For each sample with N = h·w patch tokens in raster order, a budget `keep`, and two attention-received
+score vectors (a middle "object" layer and a deep layer):
+
+    n_anchor = max(1, round(keep·alpha / 5))
+    anchors  = the n_anchor tokens with the highest obj_scores
+    buffers  = the 4-neighbours (up, down, left, right) of every anchor inside the grid — no neighbour
+               across a left/right edge (wrap_rows=True: the official code's flat ±1 / ±w, clamped to [0, N−1])
+    registers = the highest deep_scores among the rest, filling the budget to exactly `keep`
+
+Tokens are taken by priority until the budget is full: `always_keep` (in the given order), anchors (by
+obj score), buffers (by their anchor's rank, then up, down, left, right), registers (by deep score). All
+ties go to the lower index, so the selection is deterministic. The result is sorted ascending.
+
+Baselines with the same interface: strategy="attention" keeps the `keep` highest deep_scores (FastV /
+EViT-style), strategy="random" a uniform random subset.
+
+Backends today: reference (vectorised PyTorch). The fused Triton and CUDA selection kernels are open work (#6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..validation import check_float_tensor, check_same_device
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+backends.register_op("hiprune_select", {"reference": _DTYPES})
+STRATEGIES = ("hiprune", "attention", "random")
+
+
+def _descending_rank(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, rank): order[b, i] = index of the i-th highest score (ties: lower index first)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return order, rank
+
+
+def _neighbours(anchors: torch.Tensor, h: int, w: int, wrap_rows: bool):
+    """[(index, valid)] for up, down, left, right of every anchor."""
+    n = h * w
+    if wrap_rows:
+        return [((anchors + step).clamp(0, n - 1), torch.ones_like(anchors, dtype=torch.bool))
+                for step in (-w, w, -1, 1)]
+    r, c = anchors // w, anchors % w
+    return [(anchors - w, r > 0), (anchors + w, r < h - 1), (anchors - 1, c > 0), (anchors + 1, c < w - 1)]
+
+
+def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=False, always_keep=None,
+                   strategy="hiprune", generator=None, backend="auto"):
+    """Indices of the tokens to keep, (batch, keep) int64, ascending (rule in the module docstring).
+
+    Args:
+        obj_scores, deep_scores: (batch, N) attention received at the object and the deep layer (e.g. from
+            zigspark.attention_received), N = h·w.
+        grid: (h, w).  keep: tokens to keep, 1 ≤ keep ≤ N.  alpha: anchor share (paper: 0.1).
+        always_keep: indices kept first (count against the budget), e.g. register/CLS tokens mapped by the caller.
+        strategy: "hiprune" | "attention" | "random".  generator: for "random".
+    """
+    check_float_tensor("obj_scores", obj_scores, _DTYPES)
+    check_float_tensor("deep_scores", deep_scores, _DTYPES)
+    if obj_scores.dim() != 2 or deep_scores.shape != obj_scores.shape:
+        raise ValueError(f"obj_scores and deep_scores must both be (batch, N), got {tuple(obj_scores.shape)} and "
+                         f"{tuple(deep_scores.shape)}")
+    batch, n = obj_scores.shape
+    h, w = grid
+    if h * w != n or h < 1 or w < 1:
+        raise ValueError(f"grid {tuple(grid)} has {h * w} tokens but the scores have N = {n}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
+        raise ValueError(f"keep must be an int with 1 <= keep <= N = {n}, got {keep!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if torch.isnan(obj_scores).any() or torch.isnan(deep_scores).any():
+        raise ValueError("obj_scores / deep_scores contain NaN; scores must be finite (check the attention maps)")
+    device = check_same_device(obj_scores=obj_scores, deep_scores=deep_scores)
+    backends.resolve("hiprune_select", backend, device, obj_scores.dtype)
+
+    if strategy == "random":
+        noise = torch.rand(batch, n, generator=generator, device="cpu" if generator is None else generator.device)
+        return torch.sort(torch.topk(noise.to(device), keep, dim=1).indices, dim=1).values
+    if strategy == "attention":
+        return torch.sort(_descending_rank(deep_scores)[0][:, :keep], dim=1).values
+
+    # priority key per token: tier·stride + rank inside the tier; the keep smallest keys win
+    stride = 4 * n + 4
+    _, deep_rank = _descending_rank(deep_scores)
+    key = 3 * stride + deep_rank                                           # registers
+    n_anchor = min(n, max(1, round(keep * alpha / 5)))
+    anchors = _descending_rank(obj_scores)[0][:, :n_anchor]
+    anchor_rank = torch.arange(n_anchor, device=device).expand(batch, -1)
+    for direction, (idx, valid) in enumerate(_neighbours(anchors, h, w, wrap_rows)):
+        value = torch.where(valid, 2 * stride + 4 * anchor_rank + direction, torch.full_like(idx, 4 * stride))
+        key = key.scatter_reduce(1, torch.where(valid, idx, anchors), value, reduce="amin")
+    key = key.scatter_reduce(1, anchors, stride + anchor_rank, reduce="amin")
+    if always_keep is not None:
+        always = torch.as_tensor(always_keep, device=device).long().reshape(-1)
+        if always.numel() and (always.min() < 0 or always.max() >= n):
+            raise ValueError(f"always_keep indices must be in [0, {n}), got {always.tolist()}")
+        if always.numel() > keep:
+            raise ValueError(f"always_keep has {always.numel()} indices but keep is {keep}")
+        key = key.scatter_reduce(1, always.expand(batch, -1), torch.arange(always.numel(), device=device)
+                                 .expand(batch, -1), reduce="amin")
+    chosen = torch.sort(key, dim=1, stable=True).indices[:, :keep]
+    return torch.sort(chosen, dim=1).values
+
+
+def prune_tokens(x: torch.Tensor, keep_idx: torch.Tensor, positions: torch.Tensor | None = None):
+    """Gather the kept tokens: x (batch, N, C) -> (batch, keep, C) (and positions (batch or 1, N, P) the
+    same way). Differentiable: the backward scatters the gradient back to the kept rows."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, N, C), got shape {tuple(x.shape)}")
+    if keep_idx.dim() != 2 or keep_idx.shape[0] != x.shape[0] or keep_idx.dtype != torch.int64:
+        raise ValueError(f"keep_idx must be an int64 (batch, keep) tensor with batch {x.shape[0]}, got "
+                         f"{keep_idx.dtype} {tuple(keep_idx.shape)}")
+    if keep_idx.numel() and (keep_idx.min() < 0 or keep_idx.max() >= x.shape[1]):
+        raise ValueError(f"keep_idx must be in [0, {x.shape[1]})")
+    out = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[2]))
+    if positions is None:
+        return out
+    pos = positions.expand(x.shape[0], -1, -1)
+    return out, torch.gather(pos, 1, keep_idx[..., None].expand(-1, -1, pos.shape[2]))
