@@ -10,7 +10,6 @@ attention_received: against eager softmax-then-sum, time and peak memory.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -101,25 +100,13 @@ def run(device, configs, dtype, progress=print) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, no result file (smoke test)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.quick:
-        configs, dtype = [(1, 64, 2, 32, True)], torch.float32
-    elif device.type == "cuda":
-        configs = [(16, 512, 16, 128, False), (4, 2048, 16, 128, False), (2, 4096, 16, 128, False),
-                   (2, 4096, 16, 128, True), (1, 16384, 16, 128, True), (2, 4096, 16, 64, False)]
-        dtype = torch.bfloat16
-    else:
-        configs, dtype = [(1, 512, 4, 64, False), (1, 1024, 4, 64, True)], torch.float32
-    payload = run(device, configs, dtype)
-    if not args.quick:
-        path, _ = common.write_result("attention", device, payload)
-        print(f"wrote {path}")
-    return 0
-
+    cuda_configs = [(16, 512, 16, 128, False), (4, 2048, 16, 128, False), (2, 4096, 16, 128, False),
+                    (2, 4096, 16, 128, True), (1, 16384, 16, 128, True), (2, 4096, 16, 64, False)]
+    return common.cli(__doc__, "attention", {
+        "quick": lambda device: run(device, [(1, 64, 2, 32, True)], torch.float32),
+        "cuda": lambda device: run(device, cuda_configs, torch.bfloat16),
+        "cpu": lambda device: run(device, [(1, 512, 4, 64, False), (1, 1024, 4, 64, True)], torch.float32),
+    }, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -14,7 +14,6 @@ reference against the loop at dim 16, 64 and 256 (issue #3 asks >= 10x there).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -137,24 +136,13 @@ def run(device, configs, dtypes, progress=print) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, no result file (smoke test)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.quick:
-        configs, dtypes = [(1, 8, 64, 4)], [torch.float32]
-    elif device.type == "cuda":
-        configs = [(2, 1536, 1024, 16), (2, 1536, 4096, 16), (1, 1536, 16384, 16)]
-        dtypes = [torch.bfloat16]
-    else:
-        configs, dtypes = [(1, 16, 1024, 16), (1, 64, 1024, 16), (1, 256, 1024, 16)], [torch.float32]
-    payload = run(device, configs, dtypes)
-    if not args.quick:
-        path, _ = common.write_result("selective_scan", device, payload)
-        print(f"wrote {path}")
-    return 0
-
+    return common.cli(__doc__, "selective_scan", {
+        "quick": lambda device: run(device, [(1, 8, 64, 4)], [torch.float32]),
+        "cuda": lambda device: run(device, [(2, 1536, 1024, 16), (2, 1536, 4096, 16), (1, 1536, 16384, 16)],
+                                   [torch.bfloat16]),
+        "cpu": lambda device: run(device, [(1, 16, 1024, 16), (1, 64, 1024, 16), (1, 256, 1024, 16)],
+                                  [torch.float32]),
+    }, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

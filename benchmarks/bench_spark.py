@@ -9,7 +9,6 @@ paper's 1.40× GPU decode speedup is the bar.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -51,22 +50,11 @@ def run(device, d_model, d_ff, token_counts, dtype, progress=print) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, no result file (smoke test)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.quick:
-        payload = run(device, 32, 128, [1, 2], torch.float32)
-        return 0 if payload["results"] else 1
-    if device.type == "cuda":
-        payload = run(device, 2048, 16384, [1, 4, 16, 2048], torch.bfloat16)
-    else:
-        payload = run(device, 512, 2048, [1, 4, 16], torch.float32)
-    path, _ = common.write_result("spark_ffn", device, payload)
-    print(f"wrote {path}")
-    return 0
-
+    return common.cli(__doc__, "spark_ffn", {
+        "quick": lambda device: run(device, 32, 128, [1, 2], torch.float32),
+        "cuda": lambda device: run(device, 2048, 16384, [1, 4, 16, 2048], torch.bfloat16),
+        "cpu": lambda device: run(device, 512, 2048, [1, 4, 16], torch.float32),
+    }, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,6 @@ torch.topk + mask at 16k-long rows and >= 80% of copy bandwidth.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -108,25 +107,12 @@ def plot(payload: dict, path: Path) -> Path | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", default=None)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, no result file (smoke test)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    dtypes = [getattr(torch, n) for n in (args.dtypes or (["float32", "bfloat16"] if gpu else ["float32"]))]
     sizes = [1024, 4096, 16384, 65536]
-    total = (1 << 26 if gpu else 1 << 22)
-    if args.quick:
-        sizes, total = [1024, 4096], 1 << 14
-    payload = run(device, dtypes, sizes, total, with_backward=not args.quick)
-    if args.quick:
-        return 0
-    path, data = common.write_result("stat_topk", device, payload)
-    png = plot(data, path.with_suffix(".png"))
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
-    return 0
+    return common.cli(__doc__, "stat_topk", {
+        "quick": lambda device: run(device, [torch.float32], [1024, 4096], 1 << 14, with_backward=False),
+        "cuda": lambda device: run(device, [torch.float32, torch.bfloat16], sizes, 1 << 26, with_backward=True),
+        "cpu": lambda device: run(device, [torch.float32], sizes, 1 << 22, with_backward=True),
+    }, argv, after=lambda data, path: plot(data, path.with_suffix(".png")))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the git commit, and is named <bench>-<device>-<date>.json.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import platform
@@ -109,3 +110,22 @@ def write_result(bench: str, device: torch.device, payload: dict) -> tuple[Path,
     data = {"benchmark": bench, "provenance": provenance(device), **payload}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path, data
+
+
+def cli(doc: str, bench: str, sizes: dict, argv=None, after=None) -> int:
+    """The command line every benchmark shares: --device, --quick (tiny sizes, no result file).
+
+    sizes maps "quick", "cuda" and "cpu" to a function device -> payload; the payload is written as
+    results/<bench>-<device>-<date>.json (then `after(data, path)` runs, e.g. to plot it).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, no result file (smoke test)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    payload = sizes["quick" if args.quick else device.type](device)
+    if not args.quick:
+        path, data = write_result(bench, device, payload)
+        extra = after(data, path) if after else None
+        print(f"wrote {path}" + (f" and {extra}" if extra else ""))
+    return 0
