@@ -5,14 +5,18 @@
 # as they are produced, so a run cut off by a time limit still returns what it finished.
 #
 #   PART=all (default) | tests | bench    split the work over two calls of at most 10 minutes each
+#   GPU_CHECK_BUDGET=540                  seconds for the whole script (a device call may run 600)
 #
-# Every step has its own time limit; the script exits non-zero if any step failed, but runs them all.
+# Every step has its own time limit, cut to what is left of the budget; a step that no longer fits is
+# skipped and said so. The script exits non-zero if any step failed or was skipped.
 set -u
 PY=${GPU_PYTHON:-python3}
 OUT=${RESULTS_DIR:-}
 PART=${PART:-all}
 export PYTHONUNBUFFERED=1
 status=0
+budget=${GPU_CHECK_BUDGET:-540}
+t0=$(date +%s)
 mkdir -p benchmarks/results
 log=benchmarks/results/gpu-check-$PART.log
 : > "$log"
@@ -29,6 +33,11 @@ publish() {  # copy the log and this run's result files to $RESULTS_DIR (at most
 step() {  # step SECONDS command...
   local limit=$1
   shift
+  local left=$(( budget - ($(date +%s) - t0) - 15 ))
+  if [ "$left" -lt 20 ]; then
+    echo "=== SKIPPED (time budget of ${budget}s spent): $*" | tee -a "$log"; status=1; publish; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== [$(date +%T)] $* (limit ${limit}s)" | tee -a "$log"
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
@@ -48,6 +57,7 @@ if [ "$PART" != tests ]; then
   step 120 "$PY" benchmarks/bench_selective_scan.py
   step 150 "$PY" benchmarks/bench_attention.py
   step 60 "$PY" benchmarks/bench_spark.py
+  step 60 "$PY" benchmarks/bench_token_prune.py
 fi
 echo "=== [$(date +%T)] done, status $status" | tee -a "$log"
 publish
