@@ -238,12 +238,18 @@ def _attn_received_kernel(
     tl.store(R + bh * seqlen_k + offs_n, received, mask=offs_n < seqlen_k)
 
 
-def _blocks(head_dim: int, seqlen_q: int, seqlen_k: int):
+def _blocks(head_dim: int, seqlen_q: int, seqlen_k: int, fp32: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). float32 (IEEE dot products) needs smaller tiles: at the
+    half-precision sizes ptxas spills kilobytes per thread, and D > 128 overflows an A100's shared memory
+    (ahead-of-time compiles for sm_80/sm_90, Triton 3.6)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    big = 64 if block_d <= 64 else 32
+    if fp32:
+        big, num_warps = (32, 8) if block_d <= 64 else (16, 8)
+    else:
+        big = 64 if block_d <= 64 else 32
+        num_warps = 4 if block_d <= 64 else 8
     block_m = min(big, max(16, triton.next_power_of_2(seqlen_q)))
     block_n = min(big, max(16, triton.next_power_of_2(seqlen_k)))
-    num_warps = 4 if block_d <= 64 else 8
     return block_m, block_n, block_d, num_warps
 
 
@@ -255,7 +261,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     """-> (out (B, S_q, H, D) or None, lse (B, H, S_q) float32). Last dims contiguous."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k)
+    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
     lse = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q) if need_out else None
     vv, oo = (v, out) if need_out else (k, q)  # placeholders when only lse is wanted (HAS_V = False)
@@ -273,7 +279,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     """-> (dq, dk, dv) in the inputs' dtypes."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k)
+    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # (B, H, S_q)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     ieee = q.dtype == torch.float32
@@ -296,7 +302,7 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
     """-> (B, H, S_k) float32: per head, Σ_i w_i·p_ij."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k)
+    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
     received = torch.empty(batch, heads, seqlen_k, device=q.device, dtype=torch.float32)
     weight = None if query_weight is None else query_weight.to(torch.float32).contiguous()
     _attn_received_kernel[(triton.cdiv(seqlen_k, bn), batch * heads)](

@@ -228,8 +228,11 @@ def _groups(B: torch.Tensor, C: torch.Tensor) -> int:
 
 
 def _config(dim: int, N: int, L: int):
+    """(BLOCK_D, N_PAD, T): about 4096 elements per (BLOCK_D, N_PAD, T) tile, shrinking the chunk T before
+    the block of channels for large N (at 1×256×64 ptxas spills kilobytes per thread)."""
     n_pad = max(triton.next_power_of_2(N), 2)
     chunk = min(64, max(16, triton.next_power_of_2(L)))
+    chunk = max(16, min(chunk, 4096 // n_pad))
     block_d = max(1, min(triton.next_power_of_2(dim), 4096 // (n_pad * chunk), 16))
     return block_d, n_pad, chunk
 
@@ -279,6 +282,7 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
         B_MODE=_bc_mode(B), C_MODE=_bc_mode(C), HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_DLAST=dlast is not None,
         KIND=kind, PATH=path, REVERSE=reverse, BLOCK_D=block_d, N_PAD=n_pad, T=chunk,
+        num_warps=8,  # with 4 warps the backward's tiles spill (ahead-of-time compile, sm_90)
     )
     dbias = ddelta.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype),

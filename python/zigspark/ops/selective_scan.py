@@ -75,14 +75,14 @@ def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     return out, last.contiguous(), u.new_empty((0,), dtype=torch.float32)
 
 
-def _n_chunks(length: int, backend: str) -> int:
+def _n_chunks(length: int, n: int, backend: str) -> int:
     if backend == "cuda":
         from ..cuda_ops.selective_scan import chunk
     else:
         from ..triton_kernels.selective_scan import _config
 
         def chunk():
-            return _config(1, 1, length)[2]
+            return _config(1, n, length)[2]
     return -(-length // chunk())
 
 
@@ -91,7 +91,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_i
     batch, dim, length = u.shape
     n = A.shape[1]
     last = u.new_empty((batch, dim, n), dtype=ref.compute_dtype(u.dtype))
-    ckpt = (u.new_empty((batch, dim, _n_chunks(length, backend), n), dtype=torch.float32) if backend != "reference"
+    ckpt = (u.new_empty((batch, dim, _n_chunks(length, n, backend), n), dtype=torch.float32) if backend != "reference"
             else u.new_empty((0,), dtype=torch.float32))
     return torch.empty_like(u), last, ckpt
 
