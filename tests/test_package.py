@@ -24,7 +24,8 @@ MODULES = ["zigspark", "zigspark.ops", "zigspark.ops.stat_topk", "zigspark.refer
            "zigspark.ops.attention", "zigspark.triton_kernels.attention", "zigspark.compat.flash_attn",
            "zigspark.nn.attention", "zigspark.ops.spark", "zigspark.nn.spark",
            "zigspark.triton_kernels.spark_ffn", "zigspark.cuda_ops.attention", "zigspark.cuda_ops.selective_scan",
-           "zigspark.cuda_ops.causal_conv1d", "zigspark.cuda_ops.orders", "zigspark.ops.token_prune"]
+           "zigspark.cuda_ops.causal_conv1d", "zigspark.cuda_ops.orders", "zigspark.ops.token_prune",
+           "zigspark.triton_kernels.token_prune"]
 
 
 def _copy_source(dst: Path) -> Path:

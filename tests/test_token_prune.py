@@ -5,7 +5,6 @@ import torch
 
 import zigspark
 
-pytestmark = pytest.mark.cpu
 
 
 def naive_hiprune(obj, deep, h, w, keep, alpha=0.1, wrap_rows=False, always=()):
@@ -33,6 +32,7 @@ def naive_hiprune(obj, deep, h, w, keep, alpha=0.1, wrap_rows=False, always=()):
     return sorted(chosen)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("h,w", [(1, 9), (9, 1), (3, 5), (7, 7), (6, 11), (24, 24)])
 @pytest.mark.parametrize("wrap_rows", [False, True])
 def test_matches_naive_reference(h, w, wrap_rows):
@@ -48,6 +48,7 @@ def test_matches_naive_reference(h, w, wrap_rows):
             assert got[b].tolist() == expected, (h, w, keep, b)
 
 
+@pytest.mark.cpu
 def test_no_neighbour_across_row_edges_and_always_keep():
     h, w = 4, 5
     obj = torch.zeros(1, 20)
@@ -63,6 +64,7 @@ def test_no_neighbour_across_row_edges_and_always_keep():
     assert kept[0].tolist() == [0, 9, 19]
 
 
+@pytest.mark.cpu
 def test_batch_samples_select_independently_and_baselines():
     obj = torch.stack([torch.arange(16.0), torch.arange(16.0).flip(0)])
     deep = torch.rand(2, 16)
@@ -74,6 +76,7 @@ def test_batch_samples_select_independently_and_baselines():
     assert rnd.shape == (2, 5) and (rnd.diff(dim=1) > 0).all()
 
 
+@pytest.mark.cpu
 def test_prune_tokens_gathers_and_scatters_gradients():
     x = torch.randn(2, 10, 4, requires_grad=True)
     idx = torch.tensor([[0, 3, 9], [1, 2, 5]])
@@ -87,6 +90,7 @@ def test_prune_tokens_gathers_and_scatters_gradients():
     assert torch.equal(x.grad, expected)
 
 
+@pytest.mark.cpu
 def test_bad_inputs():
     obj, deep = torch.rand(2, 12), torch.rand(2, 12)
     cases = [
@@ -104,3 +108,32 @@ def test_bad_inputs():
                                     args.pop("keep"), **args)
     with pytest.raises(ValueError, match="keep_idx must be"):
         zigspark.prune_tokens(torch.randn(2, 5, 3), torch.tensor([[7]]))
+
+
+def _compare_backends(backend, device, grids, batch=3):
+    for h, w in grids:
+        n = h * w
+        g = torch.Generator().manual_seed(h * 100 + w)
+        obj, deep = torch.rand(batch, n, generator=g).to(device), torch.rand(batch, n, generator=g).to(device)
+        obj[:, :3] = obj[:, 3:6]   # ties in both scores: the lower index must win
+        deep[:, 1:4] = deep[:, 4:7]
+        for wrap in (False, True):
+            for keep in sorted({1, 2, 5, n // 9 or 1, n // 3 or 1, n}):
+                for always in (None, [n - 1, 0]):
+                    if always and keep < 2:
+                        continue
+                    args = (obj, deep, (h, w), keep)
+                    kw = dict(wrap_rows=wrap, always_keep=always)
+                    got = zigspark.hiprune_select(*args, **kw, backend=backend)
+                    expected = zigspark.hiprune_select(*args, **kw, backend="reference")
+                    assert torch.equal(got, expected), (h, w, wrap, keep, always)
+
+
+@pytest.mark.interpret
+def test_triton_selection_equals_reference(triton_device):
+    _compare_backends("triton", triton_device, [(1, 9), (3, 5), (7, 7), (6, 11)])
+
+
+@pytest.mark.gpu
+def test_gpu_triton_selection_equals_reference():
+    _compare_backends("triton", torch.device("cuda"), [(24, 24), (48, 60), (64, 64), (1, 577)], batch=16)

@@ -16,7 +16,8 @@ ties go to the lower index, so the selection is deterministic. The result is sor
 Baselines with the same interface: strategy="attention" keeps the `keep` highest deep_scores (FastV /
 EViT-style), strategy="random" a uniform random subset.
 
-Backends today: reference (vectorised PyTorch). The fused Triton and CUDA selection kernels are open work (#6).
+Backends today: reference (vectorised PyTorch) and Triton (one fused program per sample, N ≤ 4096; the
+baselines always run in PyTorch). A CUDA kernel is open work (#6).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from .. import backends
 from ..validation import check_float_tensor, check_same_device
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-backends.register_op("hiprune_select", {"reference": _DTYPES})
+backends.register_op("hiprune_select", {"reference": _DTYPES, "triton": _DTYPES[:3]})
 STRATEGIES = ("hiprune", "attention", "random")
+TRITON_MAX_N = 4096  # one program holds the sample; beyond this ptxas spills (ahead-of-time compile, sm_90)
 
 
 def _descending_rank(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +78,7 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
     if torch.isnan(obj_scores).any() or torch.isnan(deep_scores).any():
         raise ValueError("obj_scores / deep_scores contain NaN; scores must be finite (check the attention maps)")
     device = check_same_device(obj_scores=obj_scores, deep_scores=deep_scores)
-    backends.resolve("hiprune_select", backend, device, obj_scores.dtype)
+    chosen = backends.resolve("hiprune_select", backend, device, obj_scores.dtype)
 
     if strategy == "random":
         noise = torch.rand(batch, n, generator=generator, device="cpu" if generator is None else generator.device)
@@ -84,23 +86,36 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
     if strategy == "attention":
         return torch.sort(_descending_rank(deep_scores)[0][:, :keep], dim=1).values
 
-    # priority key per token: tier·stride + rank inside the tier; the keep smallest keys win
-    stride = 4 * n + 4
-    _, deep_rank = _descending_rank(deep_scores)
-    key = 3 * stride + deep_rank                                           # registers
     n_anchor = min(n, max(1, round(keep * alpha / 5)))
-    anchors = _descending_rank(obj_scores)[0][:, :n_anchor]
-    anchor_rank = torch.arange(n_anchor, device=device).expand(batch, -1)
-    for direction, (idx, valid) in enumerate(_neighbours(anchors, h, w, wrap_rows)):
-        value = torch.where(valid, 2 * stride + 4 * anchor_rank + direction, torch.full_like(idx, 4 * stride))
-        key = key.scatter_reduce(1, torch.where(valid, idx, anchors), value, reduce="amin")
-    key = key.scatter_reduce(1, anchors, stride + anchor_rank, reduce="amin")
+    always = None
     if always_keep is not None:
         always = torch.as_tensor(always_keep, device=device).long().reshape(-1)
         if always.numel() and (always.min() < 0 or always.max() >= n):
             raise ValueError(f"always_keep indices must be in [0, {n}), got {always.tolist()}")
         if always.numel() > keep:
             raise ValueError(f"always_keep has {always.numel()} indices but keep is {keep}")
+    if chosen == "triton" and n > TRITON_MAX_N:
+        if backend != "auto":
+            raise ValueError(f"hiprune_select: N = {n} is larger than the triton kernel's {TRITON_MAX_N} tokens; "
+                             "use backend='reference'")
+        chosen = "reference"
+        backends.record("hiprune_select", chosen)
+    if chosen == "triton" and strategy == "hiprune":
+        from ..triton_kernels.token_prune import hiprune_select as kernel
+
+        return kernel(obj_scores, deep_scores, (h, w), keep, n_anchor, wrap_rows, always)
+
+    # priority key per token: tier·stride + rank inside the tier; the keep smallest keys win
+    stride = 4 * n + 4
+    _, deep_rank = _descending_rank(deep_scores)
+    key = 3 * stride + deep_rank                                           # registers
+    anchors = _descending_rank(obj_scores)[0][:, :n_anchor]
+    anchor_rank = torch.arange(n_anchor, device=device).expand(batch, -1)
+    for direction, (idx, valid) in enumerate(_neighbours(anchors, h, w, wrap_rows)):
+        value = torch.where(valid, 2 * stride + 4 * anchor_rank + direction, torch.full_like(idx, 4 * stride))
+        key = key.scatter_reduce(1, torch.where(valid, idx, anchors), value, reduce="amin")
+    key = key.scatter_reduce(1, anchors, stride + anchor_rank, reduce="amin")
+    if always is not None:
         key = key.scatter_reduce(1, always.expand(batch, -1), torch.arange(always.numel(), device=device)
                                  .expand(batch, -1), reduce="amin")
     chosen = torch.sort(key, dim=1, stable=True).indices[:, :keep]

@@ -1,0 +1,105 @@
+"""HiPrune token selection (arXiv 2508.00553) fused into one Triton program per sample.
+
+The rule is python/zigspark/ops/token_prune.py's: tokens are taken by priority until `keep` are chosen —
+always_keep, then anchors (highest obj score), then the anchors' in-grid 4-neighbours (or the official flat
+±1/±w, clamped, with WRAP), then registers (highest deep score among the rest); ties go to the lower index.
+
+Anchors and buffers are few (n_anchor = round(keep·alpha/5)), so they are taken one at a time with argmax
+reductions. Registers are many: the need-th largest deep score is found without sorting by a 32-step
+bisection over the order-preserving integer image of the float32 scores, then ties at that value are
+resolved by index with a cumulative sum. The chosen mask is compacted into ascending indices the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _take(selected, count, keep, idx, candidate):
+    """Select token `candidate` (a scalar index, or -1 for none) if it is new and the budget allows."""
+    new = (candidate >= 0) & (count < keep) & (tl.sum(tl.where((idx == candidate) & selected, 1, 0), axis=0) == 0)
+    selected = selected | ((idx == candidate) & new)
+    return selected, count + tl.where(new, 1, 0)
+
+
+@triton.jit
+def _hiprune_kernel(OBJ, DEEP, ALWAYS, OUT, N, keep, n_always, n_anchor, h, w,
+                    WRAP: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, BLOCK)
+    valid = idx < N
+    obj = tl.load(OBJ + b * N + idx, mask=valid, other=float("-inf")).to(tl.float32)
+    deep = tl.load(DEEP + b * N + idx, mask=valid, other=float("-inf")).to(tl.float32)
+    selected = idx < 0
+    count = tl.sum(tl.where(selected, 1, 0), axis=0)
+
+    for a in range(0, n_always):
+        selected, count = _take(selected, count, keep, idx, tl.load(ALWAYS + a).to(tl.int32))
+
+    # anchors, by obj score (ties: lower index), remembered in order for their neighbours
+    is_anchor = idx < 0
+    for j in range(0, n_anchor):
+        masked = tl.where(valid & ~is_anchor, obj, float("-inf"))
+        best = tl.max(masked, axis=0)
+        anchor = tl.min(tl.where(valid & ~is_anchor & (masked == best), idx, BLOCK), axis=0)
+        is_anchor = is_anchor | (idx == anchor)
+        selected, count = _take(selected, count, keep, idx, anchor)
+    # buffers: anchors again in the same order, four neighbours each
+    done = idx < 0
+    for j in range(0, n_anchor):
+        masked = tl.where(valid & ~done, obj, float("-inf"))
+        best = tl.max(masked, axis=0)
+        anchor = tl.min(tl.where(valid & ~done & (masked == best), idx, BLOCK), axis=0)
+        done = done | (idx == anchor)
+        r = anchor // w
+        c = anchor % w
+        for direction in tl.static_range(4):
+            if direction == 0:
+                cand, ok = anchor - w, r > 0
+            elif direction == 1:
+                cand, ok = anchor + w, r < h - 1
+            elif direction == 2:
+                cand, ok = anchor - 1, c > 0
+            else:
+                cand, ok = anchor + 1, c < w - 1
+            if WRAP:
+                cand = tl.minimum(tl.maximum(cand, 0), N - 1)
+                ok = cand >= 0
+            selected, count = _take(selected, count, keep, idx, tl.where(ok, cand, -1))
+
+    # registers: the `need` highest deep scores among the rest
+    need = keep - count
+    cand = valid & ~selected
+    bits = deep.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)   # order-preserving image of the float
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(33):  # largest t with count(key >= t) >= need
+        mid = (lo + hi + 1) // 2
+        enough = tl.sum(tl.where(cand & (key >= mid), 1, 0), axis=0) >= need
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = cand & (key > lo)
+    ties = cand & (key == lo)
+    rest = need - tl.sum(tl.where(above, 1, 0), axis=0)
+    tie_rank = tl.cumsum(tl.where(ties, 1, 0), axis=0)
+    take = above | (ties & (tie_rank <= rest))
+    selected = selected | tl.where(need > 0, take, idx < 0)
+
+    position = tl.cumsum(tl.where(selected, 1, 0), axis=0) - 1
+    tl.store(OUT + b * keep + position, idx.to(tl.int64), mask=selected)
+
+
+def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, always_keep):
+    batch, n = obj_scores.shape
+    out = torch.empty(batch, keep, device=obj_scores.device, dtype=torch.int64)
+    always = (always_keep if always_keep is not None else torch.empty(0, dtype=torch.int64)).to(
+        device=obj_scores.device, dtype=torch.int64).contiguous()
+    block = max(16, triton.next_power_of_2(n))
+    _hiprune_kernel[(batch,)](obj_scores.contiguous(), deep_scores.contiguous(), always if always.numel() else out,
+                              out, n, keep, always.numel(), n_anchor, grid[0], grid[1],
+                              WRAP=bool(wrap_rows), BLOCK=block, num_warps=min(16, max(4, block // 256)))
+    return out
