@@ -39,21 +39,17 @@ def _hiprune_kernel(OBJ, DEEP, ALWAYS, OUT, N, keep, n_always, n_anchor, h, w,
     for a in range(0, n_always):
         selected, count = _take(selected, count, keep, idx, tl.load(ALWAYS + a).to(tl.int32))
 
-    # anchors, by obj score (ties: lower index), remembered in order for their neighbours
-    is_anchor = idx < 0
+    # anchors, by obj score (ties: lower index); their rank is kept so the buffers can follow the same order
+    anchor_rank = tl.full([BLOCK], BLOCK, tl.int32)
     for j in range(0, n_anchor):
-        masked = tl.where(valid & ~is_anchor, obj, float("-inf"))
+        masked = tl.where(valid & (anchor_rank == BLOCK), obj, float("-inf"))
         best = tl.max(masked, axis=0)
-        anchor = tl.min(tl.where(valid & ~is_anchor & (masked == best), idx, BLOCK), axis=0)
-        is_anchor = is_anchor | (idx == anchor)
+        anchor = tl.min(tl.where(valid & (anchor_rank == BLOCK) & (masked == best), idx, BLOCK), axis=0)
+        anchor_rank = tl.where(idx == anchor, j, anchor_rank)
         selected, count = _take(selected, count, keep, idx, anchor)
-    # buffers: anchors again in the same order, four neighbours each
-    done = idx < 0
+    # buffers: the anchors in rank order, four neighbours each
     for j in range(0, n_anchor):
-        masked = tl.where(valid & ~done, obj, float("-inf"))
-        best = tl.max(masked, axis=0)
-        anchor = tl.min(tl.where(valid & ~done & (masked == best), idx, BLOCK), axis=0)
-        done = done | (idx == anchor)
+        anchor = tl.min(tl.where(anchor_rank == j, idx, BLOCK), axis=0)
         r = anchor // w
         c = anchor % w
         for direction in tl.static_range(4):
