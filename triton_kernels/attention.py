@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .._alloc import new_output, new_output_like
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -262,8 +263,8 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
-    lse = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q) if need_out else None
+    lse = new_output((batch, heads, seqlen_q), torch.float32, q.device)
+    out = new_output_like(q) if need_out else None
     vv, oo = (v, out) if need_out else (k, q)  # placeholders when only lse is wanted (HAS_V = False)
     grid = (triton.cdiv(seqlen_q, bm), batch * heads)
     _attn_fwd_kernel[grid](
@@ -281,7 +282,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # (B, H, S_q)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     ieee = q.dtype == torch.float32
     _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, bn), batch * kv_heads)](
         q, k, v, dout, lse, delta, dk, dv,
@@ -303,7 +304,7 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
-    received = torch.empty(batch, heads, seqlen_k, device=q.device, dtype=torch.float32)
+    received = new_output((batch, heads, seqlen_k), torch.float32, q.device)
     weight = None if query_weight is None else query_weight.to(torch.float32).contiguous()
     _attn_received_kernel[(triton.cdiv(seqlen_k, bn), batch * heads)](
         q, k, lse, weight if weight is not None else lse, received, *_strides(q), *_strides(k),

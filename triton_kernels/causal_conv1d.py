@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .orders import order_launch_args, order_position
+from .._alloc import new_output_like
 
 
 @triton.jit
@@ -118,7 +119,7 @@ def _grid(batch, dim, L):
 
 def causal_conv1d_fwd(x, weight, bias, silu, order_params, order_index):
     batch, dim, L = x.shape
-    out = torch.empty_like(x)
+    out = new_output_like(x)
     order, frames, gh, gw, kind, path, reverse = order_launch_args(order_params, order_index, L)
     grid, block_d, block_t = _grid(batch, dim, L)
     _conv_fwd_kernel[grid](x, weight, bias, out, order, dim, L, frames, gh, gw,
@@ -140,7 +141,7 @@ def causal_conv1d_bwd(dout, x, weight, bias, silu, order_params, order_index):
         _conv_grad_pre_kernel[grid](x, weight, bias, dout, g, order, dim, L, frames, gh, gw, **flags)
     else:
         g = dout
-    dx = torch.empty_like(x)
+    dx = new_output_like(x)
     dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
     _conv_bwd_kernel[grid](x, weight, g, dx, dw, db, order, dim, L, frames, gh, gw, **flags)

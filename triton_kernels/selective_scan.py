@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .orders import order_launch_args, order_position
+from .._alloc import new_output, new_output_like
 
 BC_CONSTANT, BC_VARIABLE, BC_GROUPED = 0, 1, 2
 
@@ -243,9 +244,9 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orde
     N = A.shape[1]
     block_d, n_pad, chunk = _config(dim, N, L)
     n_chunks = triton.cdiv(L, chunk)
-    out = torch.empty_like(u)
-    last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
-    ckpt = torch.empty(batch, dim, n_chunks, N, device=u.device, dtype=torch.float32)
+    out = new_output_like(u)
+    last = new_output((batch, dim, N), torch.float32, u.device)
+    ckpt = new_output((batch, dim, n_chunks, N), torch.float32, u.device)
     order, frames, gh, gw, kind, path, reverse = order_launch_args(order_params, order_index, L)
     grid = (batch, triton.cdiv(dim, block_d))
     _selective_scan_fwd_kernel[grid](
@@ -266,13 +267,13 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
     block_d, n_pad, chunk = _config(dim, N, L)
     n_chunks = ckpt.shape[2]
     f32 = dict(device=u.device, dtype=torch.float32)
-    du = torch.empty(batch, dim, L, **f32)
-    ddelta = torch.empty(batch, dim, L, **f32)
-    dA = torch.empty(batch, dim, N, **f32)
+    du = new_output((batch, dim, L), torch.float32, u.device)
+    ddelta = new_output((batch, dim, L), torch.float32, u.device)
+    dA = new_output((batch, dim, N), torch.float32, u.device)
     dB = torch.empty(batch, dim, N, **f32) if B.dim() == 2 else torch.zeros(B.shape, **f32)
     dC = torch.empty(batch, dim, N, **f32) if C.dim() == 2 else torch.zeros(C.shape, **f32)
     dD = torch.empty(batch, dim, **f32) if D is not None else None
-    dz = torch.empty_like(z) if z is not None else None
+    dz = new_output_like(z) if z is not None else None
     order, frames, gh, gw, kind, path, reverse = order_launch_args(order_params, order_index, L)
     grid = (batch, triton.cdiv(dim, block_d))
     _selective_scan_bwd_kernel[grid](

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .._alloc import new_output_like
 
 
 @triton.jit
@@ -67,7 +68,7 @@ def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: 
     _active_values_kernel[(tokens, triton.cdiv(d_ff, block_f))](
         x, gate, K2, a, r, d_model, d_ff, x.stride(0), gate.stride(0), K2.stride(0), a.stride(0),
         BLOCK_F=block_f, BLOCK_K=block_k)
-    y = torch.empty_like(x)
+    y = new_output_like(x)
     block_d = min(128, triton.next_power_of_2(d_model))
     _project_kernel[(tokens, triton.cdiv(d_model, block_d))](
         a, VT, y, d_model, d_ff, a.stride(0), VT.stride(0), y.stride(0), BLOCK_F=64, BLOCK_D=block_d)

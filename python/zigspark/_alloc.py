@@ -26,3 +26,11 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if _poison:
         out.fill_(float("nan") if dtype.is_floating_point else 1)
     return out
+
+
+def new_output_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.empty_like (same strides as `t`), poisoned like new_output when tests ask for it."""
+    out = torch.empty_like(t, dtype=dtype)
+    if _poison:
+        out.fill_(float("nan") if out.dtype.is_floating_point else 1)
+    return out

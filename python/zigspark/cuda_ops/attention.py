@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _cuda
-from .._alloc import new_output
+from .._alloc import new_output, new_output_like
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -40,7 +40,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     lse = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     if need_out:
         v = _last_dim_contiguous(v)
-        out = torch.empty_like(q)
+        out = new_output_like(q)
     else:
         v = out = None
     _cuda.extension().attention_forward(

@@ -10,6 +10,7 @@ import torch
 
 from .. import _cuda
 from .orders import order_kwargs
+from .._alloc import new_output, new_output_like
 
 BC_MODES = {2: 0, 3: 1, 4: 2}  # B/C.dim() -> layout code: constant, per step, grouped
 
@@ -43,9 +44,9 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orde
     u, delta, A, B, C, D, z, delta_bias = _as_kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
     args, index = _common(u, A, B, C, order_params, order_index)
     batch, dim, _ = u.shape
-    out = torch.empty_like(u)
-    last = torch.empty(batch, dim, A.shape[1], device=u.device, dtype=torch.float32)
-    ckpt = torch.empty(batch, dim, args["chunks"], A.shape[1], device=u.device, dtype=torch.float32)
+    out = new_output_like(u)
+    last = new_output((batch, dim, A.shape[1]), torch.float32, u.device)
+    ckpt = new_output((batch, dim, args["chunks"], A.shape[1]), torch.float32, u.device)
     _cuda.extension().selective_scan_forward(
         **args, delta_softplus=bool(delta_softplus),
         **_pointers(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, out=out, last_state=last,
@@ -63,12 +64,12 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
     batch, dim, length = u.shape
     n = A.shape[1]
     f32 = dict(device=u.device, dtype=torch.float32)
-    du, ddelta = torch.empty(batch, dim, length, **f32), torch.empty(batch, dim, length, **f32)
-    dA = torch.empty(batch, dim, n, **f32)
+    du, ddelta = (new_output((batch, dim, length), torch.float32, u.device) for _ in range(2))
+    dA = new_output((batch, dim, n), torch.float32, u.device)
     dB = torch.zeros((batch, dim, n) if B.dim() == 2 else B.shape, **f32)
     dC = torch.zeros((batch, dim, n) if C.dim() == 2 else C.shape, **f32)
     dD = torch.empty(batch, dim, **f32) if D is not None else None
-    dz = torch.empty_like(z) if z is not None else None
+    dz = new_output_like(z) if z is not None else None
     _cuda.extension().selective_scan_backward(
         **args, delta_softplus=bool(delta_softplus),
         **_pointers(dout=dout.to(u.dtype).contiguous(), dlast=None if dlast is None else dlast.float().contiguous(),
