@@ -20,7 +20,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -155,15 +155,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=[
-        "zigspark",
-        "zigspark.ops",
-        "zigspark.reference",
-        "zigspark.cuda_ops",
-        "zigspark.compat",
-        "zigspark.nn",
-        "zigspark.triton_kernels",
-    ],
+    # every package under python/ (models, data, train, ... included) plus the Triton kernels
+    packages=find_packages("python") + ["zigspark.triton_kernels"],
     package_dir={"zigspark": "python/zigspark", "zigspark.triton_kernels": "triton_kernels"},
     package_data={"zigspark": ["auto_backends.json"]},
     install_requires=["torch>=2.4", "numpy"],

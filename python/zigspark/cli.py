@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -35,6 +36,9 @@ def _cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+_COMMAND_MODULES = ("generator", "recognizer", "demo")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zigspark", description="zigspark: fused GPU kernels for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("--large", action="store_true", help="GPU-sized inputs")
     p.add_argument("--json", help="also write the table as JSON to this path")
     p.set_defaults(func=_cmd_check)
+
+    # The model layer's commands (train-generator, sample, train-recognizer, eval-recognizer, probe, demo)
+    # live beside the code they drive; each module adds its own subparsers.
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"zigspark.commands.{name}").add_parsers(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,1 @@
+"""Command-line subcommands of the model layer: one module per family, each with add_parsers(subparsers)."""
