@@ -14,18 +14,24 @@ import pytest
 pytestmark = [pytest.mark.cpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["zigspark", "zigspark.ops", "zigspark.ops.stat_topk", "zigspark.reference",
-           "zigspark.reference.stat_topk", "zigspark.cuda_ops", "zigspark.cuda_ops.stat_topk", "zigspark.backends",
-           "zigspark.env", "zigspark.cli", "zigspark.check", "zigspark.validation", "zigspark.triton_kernels",
-           "zigspark.triton_kernels.stat_topk",
-           "zigspark.triton_kernels.selective_scan", "zigspark.triton_kernels.causal_conv1d",
-           "zigspark.triton_kernels.orders", "zigspark.orders", "zigspark.ops.selective_scan",
-           "zigspark.ops.causal_conv1d", "zigspark.compat.mamba_ssm", "zigspark.nn", "zigspark.nn.zigzag_mamba",
-           "zigspark.ops.attention", "zigspark.triton_kernels.attention", "zigspark.compat.flash_attn",
-           "zigspark.nn.attention", "zigspark.ops.spark", "zigspark.nn.spark",
-           "zigspark.triton_kernels.spark_ffn", "zigspark.cuda_ops.attention", "zigspark.cuda_ops.selective_scan",
-           "zigspark.cuda_ops.causal_conv1d", "zigspark.cuda_ops.orders", "zigspark.ops.token_prune",
-           "zigspark.triton_kernels.token_prune"]
+
+
+def _source_modules() -> list:
+    """Every module of the source tree, so the wheel is checked to carry (and import) all of them."""
+    names = []
+    trees = ((ROOT / "python" / "zigspark", "zigspark"), (ROOT / "triton_kernels", "zigspark.triton_kernels"))
+    for root, package in trees:
+        for path in sorted(root.rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            if parts[-1] == "__main__":
+                continue
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            names.append(".".join((package, *parts)))
+    return names
+
+
+MODULES = _source_modules()
 
 
 def _copy_source(dst: Path) -> Path:
