@@ -1,7 +1,9 @@
 # zigspark: the commands a newcomer and CI run. See README.md.
-#   make demo       check every available backend of every op against the reference (main job)
+#   make demo       the main job: recognizer + ZigMa on digits, samples, metrics (DEMO_SIZE=full on a GPU)
+#   make check      check every available backend of every op against the reference
 #   make test       fresh/updated .venv, install, then the cpu, build, interpret (and gpu) test tiers
 #   make bench      run every benchmark on the present device, results into benchmarks/results/
+#   make report     BENCHMARKS.md + plots + python/zigspark/auto_backends.json from the committed results
 #   make gpu-check  on a GPU machine without a package registry: build in place, gpu tier, benchmarks
 
 PYTHON ?= python3
@@ -11,7 +13,7 @@ PY := $(VENV)/bin/python
 GPU_PYTHON ?= python3
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: all install test test-cpu test-interpret test-gpu demo bench gpu-check clean
+.PHONY: all install test test-cpu test-interpret test-gpu demo check bench report gpu-check clean
 
 all: test
 
@@ -41,11 +43,21 @@ test-interpret:
 test-gpu:
 	$(PY) -m pytest $(PYTEST_FLAGS) -m gpu tests
 
+# The main job: recognizer + ZigMa generator on digits, pruning table, samples, metrics → demo-output/.
+# DEMO_SIZE=full for a GPU machine. `make check` is the kernel-vs-reference table it used to be.
 demo: install
+	$(PY) -m zigspark demo --out demo-output --size $(or $(DEMO_SIZE),fast)
+
+check: install
 	$(PY) -m zigspark check
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# BENCHMARKS.md, its plots and the auto backend table, regenerated from benchmarks/results/*.json
+report: install
+	$(PY) benchmarks/auto_table.py
+	$(PY) benchmarks/report.py
 
 # PART=tests or PART=bench splits it over two device calls of at most 10 minutes each.
 gpu-check:

@@ -129,3 +129,38 @@ def cli(doc: str, bench: str, sizes: dict, argv=None, after=None) -> int:
         extra = after(data, path) if after else None
         print(f"wrote {path}" + (f" and {extra}" if extra else ""))
     return 0
+
+
+def time_few_ms(fn, device: torch.device, reps: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of `reps` calls of fn() after `warmup` calls, for calls too long to repeat the
+    hundreds of times do_bench does (a training step, a whole sampling run). CUDA: events on the current
+    stream around each call; CPU: perf_counter."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cpu_load() -> float | None:
+    """1-minute load average of the machine (CPU timings on a shared machine are only as good as this)."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
