@@ -15,12 +15,15 @@ Backward (g = ∂L/∂y after the gate; a_t = exp(Δ_t·A), b_t = Δ_t·B_t·u_t
     ∂Δ_t = Σ_n (∂a_t·a_t·A + ∂h_t·B_t·u_t),  ∂A = Σ_t ∂a_t·a_t·Δ_t,  ∂B_t = ∂h_t·Δ_t·u_t
     ∂u_t = Σ_n ∂h_t·B_t·Δ_t + D·g_t,  ∂D = Σ_t g_t·u_t,  ∂δ = ∂Δ·sigmoid(δ + bias) with softplus
 
-Fast PyTorch: the L steps are cut into L/T chunks of T ≈ √L steps, laid out step-major so every slice is
-contiguous. A loop of T steps runs all chunks at once from a zero state (giving y's local part and each
-chunk's end state and decay); a loop over the chunks carries the state across chunk boundaries; a second
-loop of T steps adds C_t·(Π_{s ≤ t in chunk} a_s)·h_carry to y. That is 2T + L/T Python steps instead of
-L, no (batch, dim, L, N) state tensor in the forward, and only products of factors in (0, 1] (no exp of
-positive numbers, so no overflow).
+Fast PyTorch: the L steps are cut into L/T chunks of T ≈ √L steps and laid out (T, N, batch, chunks, dim):
+step-major, so every per-step slice is contiguous, and channel-innermost, so every elementwise op runs
+over long contiguous rows (an innermost N of 16 or less would make PyTorch's CPU loops crawl; per-step
+scalars broadcast over the outer N). A loop of T steps runs all chunks at once from a zero state (giving
+y's local part and each chunk's end state and decay); a loop over the chunks carries the state across
+chunk boundaries; a second loop of T steps adds C_t·(Π_{s ≤ t in chunk} a_s)·h_carry to y. That is
+2T + L/T Python steps instead of L, no state tensor in the forward, and only products of factors in
+(0, 1] (no exp of positive numbers, so no overflow). The backward materialises the states once and runs
+the adjoint the same way, backwards.
 """
 
 from __future__ import annotations
@@ -50,112 +53,111 @@ def permute_steps(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return t if index is None else t.index_select(-1, index)
 
 
-def chunked_linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """All states of h_t = a_t·h_{t−1} + b_t (h_{−1} = 0) along dim 2 of (batch, dim, L, N) tensors."""
-    batch, dim, length, n = a.shape
-    chunks = -(-length // chunk)
-    pad = chunks * chunk - length
-    if pad:
-        a = F.pad(a, (0, 0, 0, pad), value=1.0)
-        b = F.pad(b, (0, 0, 0, pad), value=0.0)
-    a = a.reshape(batch, dim, chunks, chunk, n)
-    b = b.reshape(batch, dim, chunks, chunk, n)
-    h = torch.zeros_like(b[:, :, :, 0])
-    local = []
-    for t in range(chunk):                              # every chunk at once, from a zero state
-        h = a[:, :, :, t] * h + b[:, :, :, t]
-        local.append(h)
-    local = torch.stack(local, dim=3)
-    decay = torch.cumprod(a, dim=3)
-    carry = [torch.zeros_like(h[:, :, 0])]
-    for c in range(chunks - 1):                          # state entering chunk c+1
-        carry.append(decay[:, :, c, -1] * carry[-1] + local[:, :, c, -1])
-    carry = torch.stack(carry, dim=2)
-    states = local + decay * carry[:, :, :, None]
-    return states.reshape(batch, dim, chunks * chunk, n)[:, :, :length]
+class ChunkLayout:
+    """(batch, dim, L) tensors <-> the chunked layout (T, N or 1, batch, chunks, dim), L padded to chunks·T.
+
+    Padded steps get Δ = 0 (a = 1, b = 0: the identity) and zero B, C and gradient, so they change nothing.
+    """
+
+    def __init__(self, batch: int, dim: int, length: int, chunk: int | None = None):
+        self.batch, self.dim, self.length = batch, dim, length
+        self.steps = chunk or max(8, int(round(length ** 0.5)))
+        self.chunks = -(-length // self.steps)
+        self.pad = self.chunks * self.steps - length
+
+    def scalars(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, dim, L) -> (T, 1, batch, chunks, dim)."""
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
+        x = x.reshape(self.batch, self.dim, self.chunks, self.steps)
+        return x.permute(3, 0, 2, 1).unsqueeze(1).contiguous()
+
+    def unscalars(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, [1,] batch, chunks, dim) -> (batch, dim, L)."""
+        x = x.reshape(self.steps, self.batch, self.chunks, self.dim).permute(1, 3, 2, 0)
+        return x.reshape(self.batch, self.dim, -1)[..., :self.length]
+
+    def bc(self, M: torch.Tensor) -> torch.Tensor:
+        """B or C (already in scan order) -> broadcastable to (T, N, batch, chunks, dim)."""
+        if M.dim() == 2:                                             # (dim, N)
+            return M.t()[None, :, None, None, :]
+        if self.pad:
+            M = F.pad(M, (0, self.pad))
+        if M.dim() == 3:                                             # (batch, N, L)
+            M = M.reshape(self.batch, -1, self.chunks, self.steps)
+            return M.permute(3, 1, 0, 2).unsqueeze(-1).contiguous()
+        groups, n = M.shape[1], M.shape[2]                           # (batch, G, N, L)
+        M = M.reshape(self.batch, groups, n, self.chunks, self.steps).repeat_interleave(self.dim // groups, dim=1)
+        return M.permute(4, 2, 0, 3, 1).contiguous()
+
+    def reduce_bc(self, grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Sum a (T, N, batch, chunks, dim) gradient down to the layout of B or C (in scan order)."""
+        if like.dim() == 2:
+            return grad.sum((0, 2, 3)).t()
+        steps, n, batch, chunks, dim = grad.shape
+        if like.dim() == 3:
+            per_step = grad.sum(-1)                                  # (T, N, batch, chunks)
+            per_step = per_step.permute(2, 1, 3, 0)                  # (batch, N, chunks, T)
+        else:
+            groups = like.shape[1]
+            per_step = grad.reshape(steps, n, batch, chunks, groups, dim // groups).sum(-1)
+            per_step = per_step.permute(2, 4, 1, 3, 0)               # (batch, G, N, chunks, T)
+        return per_step.reshape(*per_step.shape[:-2], -1)[..., :self.length]
 
 
-def reduce_bc(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum a (batch, dim, L, N) gradient down to the layout of B or C (the inverse of expand_bc)."""
-    if like.dim() == 2:
-        return grad.sum((0, 2))
-    if like.dim() == 3:
-        return grad.sum(1).transpose(1, 2)
-    batch, dim, length, n = grad.shape
-    groups = like.shape[1]
-    return grad.reshape(batch, groups, dim // groups, length, n).sum(2).transpose(2, 3)
+def _pick(M: torch.Tensor, t: int) -> torch.Tensor:
+    """Step t of a chunked B/C, which is constant over steps when its leading size is 1."""
+    return M[t if M.shape[0] > 1 else 0]
 
 
-def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, order_index, need_a=True):
+def _inputs(u, delta, A, B, C, delta_bias, delta_softplus, order_index):
+    """Scan-order, compute-dtype inputs: (acc, u_s, pre-softplus δ, Δ, B_s, C_s), B_s/C_s in their layouts."""
     acc = compute_dtype(u.dtype)
-    batch, dim, _ = u.shape
     u_s = permute_steps(u, order_index).to(acc)
     pre = permute_steps(delta, order_index).to(acc)
     if delta_bias is not None:
         pre = pre + delta_bias.to(acc)[:, None]
     delta_s = F.softplus(pre) if delta_softplus else pre
-    B_s = expand_bc(B if B.dim() == 2 else permute_steps(B, order_index), batch, dim).to(acc)
-    C_s = expand_bc(C if C.dim() == 2 else permute_steps(C, order_index), batch, dim).to(acc)
-    a = torch.exp(delta_s[..., None] * A.to(acc)[:, None, :]) if need_a else None
-    return acc, u_s, pre, delta_s, B_s, C_s, a
+    B_s = (B if B.dim() == 2 else permute_steps(B, order_index)).to(acc)
+    C_s = (C if C.dim() == 2 else permute_steps(C, order_index)).to(acc)
+    return acc, u_s, pre, delta_s, B_s, C_s
 
 
-def _step_major(t: torch.Tensor, chunks: int, chunk: int) -> torch.Tensor:
-    """(..., L or 1, N) with L = chunks·chunk -> (chunk, ..., chunks or 1, N): slice [t] is contiguous."""
-    lead = t.shape[:-2]
-    if t.shape[-2] == 1:
-        return t.unsqueeze(0)
-    t = t.reshape(*lead, chunks, chunk, t.shape[-1])
-    return t.movedim(-2, 0).contiguous()
-
-
-def scan_outputs(a_log_rate: torch.Tensor, A: torch.Tensor, bu: torch.Tensor, B_s: torch.Tensor,
-                 C_s: torch.Tensor, chunk: int | None = None):
-    """y_t = C_t·h_t for all t and the final state, without materialising every state.
-
-    a_log_rate = Δ (batch, dim, L), bu = Δ·u (batch, dim, L), A (dim, N), B_s/C_s as from expand_bc.
-    """
-    batch, dim, length = a_log_rate.shape
-    chunk = chunk or max(8, int(round(length ** 0.5)))
-    chunks = -(-length // chunk)
-    pad = chunks * chunk - length
-    if pad:  # padded steps have Δ = 0: a = 1, b = 0, the identity
-        a_log_rate, bu = F.pad(a_log_rate, (0, pad)), F.pad(bu, (0, pad))
-        B_s = B_s if B_s.shape[2] == 1 else F.pad(B_s, (0, 0, 0, pad))
-        C_s = C_s if C_s.shape[2] == 1 else F.pad(C_s, (0, 0, 0, pad))
-    delta_t = _step_major(a_log_rate[..., None], chunks, chunk)        # (T, b, d, nc, 1)
-    bu_t = _step_major(bu[..., None], chunks, chunk)
-    B_t, C_t = _step_major(B_s, chunks, chunk), _step_major(C_s, chunks, chunk)
-    a_all = torch.exp(delta_t * A[:, None, :])                         # (T, b, d, nc, N), one pass
-    b_all = bu_t * B_t
-    pick = lambda M, t: M[t if M.shape[0] > 1 else 0]                   # noqa: E731  (constant B/C)
+def scan_outputs(delta_s: torch.Tensor, A: torch.Tensor, u_s: torch.Tensor, B_s: torch.Tensor, C_s: torch.Tensor,
+                 chunk: int | None = None):
+    """y_t = C_t·h_t for all t (batch, dim, L) and the final state (batch, dim, N), without materialising
+    every state. Δ and u are (batch, dim, L) in scan order, A (dim, N), B_s/C_s in scan order."""
+    batch, dim, length = u_s.shape
+    lay = ChunkLayout(batch, dim, length, chunk)
+    dlt = lay.scalars(delta_s)                                          # (T, 1, b, nc, d)
+    a_all = torch.exp(dlt * A.t()[None, :, None, None, :])              # (T, N, b, nc, d), one pass
+    b_all = lay.scalars(delta_s * u_s) * lay.bc(B_s)
+    C_t = lay.bc(C_s)
     h = b_all[0]
-    decay = a_all[0]
-    y_local = [torch.linalg.vecdot(h, pick(C_t, 0))]
-    for t in range(1, chunk):                                            # all chunks from a zero state
+    decay = a_all[0].clone()
+    y_local = [(h * _pick(C_t, 0)).sum(0)]
+    for t in range(1, lay.steps):                                        # all chunks from a zero state
         h = torch.addcmul(b_all[t], a_all[t], h)
-        decay = decay * a_all[t]
-        y_local.append(torch.linalg.vecdot(h, pick(C_t, t)))
+        decay.mul_(a_all[t])
+        y_local.append((h * _pick(C_t, t)).sum(0))
     carry = [torch.zeros_like(h[:, :, 0])]
-    for c in range(chunks):                                              # state entering chunk c + 1
+    for c in range(lay.chunks):                                          # state entering chunk c + 1
         carry.append(torch.addcmul(h[:, :, c], decay[:, :, c], carry[-1]))
-    last_state = carry.pop()
+    last_state = carry.pop()                                             # (N, b, d)
     p = torch.stack(carry, dim=2)                                        # state entering each chunk
     y = []
-    for t in range(chunk):                                               # add the carried-in state
+    for t in range(lay.steps):                                           # add the carried-in state
         p = p * a_all[t]
-        y.append(y_local[t] + torch.linalg.vecdot(p, pick(C_t, t)))
-    y = torch.stack(y, dim=-1).reshape(batch, dim, chunks * chunk)[:, :, :length]
-    return y, last_state
+        y.append(y_local[t] + (p * _pick(C_t, t)).sum(0))
+    return lay.unscalars(torch.stack(y)), last_state.permute(1, 2, 0).contiguous()
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    order_index: torch.Tensor | None = None, chunk: int | None = None):
     """(out, last_state): out (batch, dim, L) in u's dtype and raster order, last_state (batch, dim, N)
     in the compute dtype — the state after the last step of the order. Differentiable by autograd."""
-    acc, u_s, _, delta_s, B_s, C_s, _ = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, order_index,
-                                                 need_a=False)
-    y, last_state = scan_outputs(delta_s, A.to(acc), delta_s * u_s, B_s, C_s, chunk)
+    acc, u_s, _, delta_s, B_s, C_s = _inputs(u, delta, A, B, C, delta_bias, delta_softplus, order_index)
+    y, last_state = scan_outputs(delta_s, A.to(acc), u_s, B_s, C_s, chunk)
     if D is not None:
         y = y + D.to(acc)[:, None] * u_s
     if z is not None:
@@ -166,33 +168,79 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def selective_scan_backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                            order_index: torch.Tensor | None = None, chunk: int = 32):
+                            order_index: torch.Tensor | None = None, chunk: int | None = None):
     """Closed-form gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) — None for absent inputs —
-    by recomputing the forward states (the formulas at the top of this file)."""
-    acc, u_s, pre, delta_s, B_s, C_s, a = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, order_index)
-    states = chunked_linear_scan(a, (delta_s * u_s)[..., None] * B_s, chunk)
+    by recomputing the forward states (the formulas at the top of this file).
+
+    In the forward's chunked layout: the states h_t are materialised once; the adjoint ∂h runs backwards
+    the same way — a loop over T for all chunks at once from a zero adjoint, a loop over chunks for the
+    adjoint entering each chunk from the right, and the fix-up ∂h_t += (Π_{s>t in chunk} a_s)·carry.
+    """
+    acc, u_s, pre, delta_s, B_s, C_s = _inputs(u, delta, A, B, C, delta_bias, delta_softplus, order_index)
+    batch, dim, length = u_s.shape
+    lay = ChunkLayout(batch, dim, length, chunk)
+    A_t = A.to(acc).t()[None, :, None, None, :]                          # (1, N, 1, 1, d)
+    dlt, u_t = lay.scalars(delta_s), lay.scalars(u_s)                    # (T, 1, b, nc, d)
+    B_t, C_t = lay.bc(B_s), lay.bc(C_s)
+    a = torch.exp(dlt * A_t)                                             # (T, N, b, nc, d)
+    bu = dlt * u_t
+
+    # forward states: local scan of every chunk, then the state carried into each chunk
+    states, decay = torch.empty_like(a), torch.empty_like(a)    # decay: Π_{s≤t in chunk} a_s (cumprod is slower)
+    torch.mul(bu[0], B_t[0], out=states[0])
+    decay[0] = a[0]
+    for t in range(1, lay.steps):
+        torch.addcmul(bu[t] * _pick(B_t, t), a[t], states[t - 1], out=states[t])
+        torch.mul(decay[t - 1], a[t], out=decay[t])
+    carry = [torch.zeros_like(states[0, :, :, 0])]
+    for c in range(lay.chunks - 1):
+        carry.append(torch.addcmul(states[-1, :, :, c], decay[-1, :, :, c], carry[-1]))
+    states.addcmul_(decay, torch.stack(carry, dim=2))                    # h_t
+    del decay
+
     g = permute_steps(dout, order_index).to(acc)
     dz = None
     if z is not None:
         z_s = permute_steps(z, order_index).to(acc)
-        y = (states * C_s).sum(-1) + (0 if D is None else D.to(acc)[:, None] * u_s)
+        y = lay.unscalars((states * C_t).sum(1))
+        if D is not None:
+            y = y + D.to(acc)[:, None] * u_s
         sig = torch.sigmoid(z_s)
         dz = g * y * sig * (1 + z_s * (1 - sig))
         g = g * z_s * sig
-    gC = g[..., None] * C_s
-    if dlast is not None:
-        gC[:, :, -1] += dlast.to(acc)
-    a_next = torch.cat([a[:, :, 1:], torch.ones_like(a[:, :, :1])], dim=2)
-    dh = chunked_linear_scan(a_next.flip(2), gC.flip(2), chunk).flip(2)
-    h_prev = torch.cat([torch.zeros_like(states[:, :, :1]), states[:, :, :-1]], dim=2)
-    da_a = dh * h_prev * a
-    dh_B = dh * B_s
-    A_acc = A.to(acc)[:, None, :]
-    ddelta_s = (da_a * A_acc).sum(-1) + (dh_B * u_s[..., None]).sum(-1)
-    dA = (da_a * delta_s[..., None]).sum((0, 2))
-    du_s = (dh_B * delta_s[..., None]).sum(-1)
-    dB = reduce_bc(dh * (delta_s * u_s)[..., None], B)
-    dC = reduce_bc(g[..., None] * states, C)
+    g_t = lay.scalars(g)
+
+    # adjoint ∂h_t = g_t·C_t + a_{t+1}·∂h_{t+1}, backwards
+    dh = torch.empty_like(a)
+    torch.mul(g_t[-1], _pick(C_t, lay.steps - 1), out=dh[-1])
+    if dlast is not None and lay.pad == 0:
+        dh[-1, :, :, -1] += dlast.to(acc).permute(2, 0, 1)
+    for t in range(lay.steps - 2, -1, -1):
+        torch.addcmul(g_t[t] * _pick(C_t, t), a[t + 1], dh[t + 1], out=dh[t])
+        if dlast is not None and t == (length - 1) % lay.steps and lay.pad:
+            dh[t, :, :, -1] += dlast.to(acc).permute(2, 0, 1)
+    after = torch.empty_like(a)                                          # Π_{s>t in chunk} a_s
+    after[-1] = 1
+    for t in range(lay.steps - 2, -1, -1):
+        torch.mul(after[t + 1], a[t + 1], out=after[t])
+    carry = [torch.zeros_like(dh[0, :, :, 0])]                           # adjoint entering chunk c from c+1
+    for c in range(lay.chunks - 1, 0, -1):
+        carry.append(a[0, :, :, c] * torch.addcmul(dh[0, :, :, c], after[0, :, :, c], carry[-1]))
+    dh.addcmul_(after, torch.stack(carry[::-1], dim=2))
+    del after
+
+    h_prev = torch.empty_like(states)                                    # h_{t−1}, zero before the first step
+    h_prev[1:] = states[:-1]
+    h_prev[0, :, :, 1:] = states[-1, :, :, :-1]
+    h_prev[0, :, :, 0] = 0
+    da_a = h_prev.mul_(a).mul_(dh)                                       # ∂a_t·a_t
+    dh_B = (dh * B_t).sum(1, keepdim=True)                               # Σ_n ∂h_t·B_t  (T, 1, b, nc, d)
+    ddelta_t = (da_a * A_t).sum(1, keepdim=True) + dh_B * u_t
+    du_t = dh_B * dlt
+    dA = (da_a * dlt).sum((0, 2, 3)).t()
+    dB = lay.reduce_bc(dh.mul_(bu), B)
+    dC = lay.reduce_bc(states.mul_(g_t), C)
+    ddelta_s, du_s = lay.unscalars(ddelta_t), lay.unscalars(du_t)
     dD = None
     if D is not None:
         du_s = du_s + D.to(acc)[:, None] * g
@@ -209,7 +257,7 @@ def selective_scan_backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delt
         dC = unpermute(dC)
     if dz is not None:
         dz = unpermute(dz)
-    cast = lambda grad, like: None if like is None else grad.to(like.dtype)  # noqa: E731
+    cast = lambda grad, like: None if like is None else grad.to(like.dtype).contiguous()  # noqa: E731
     return (cast(du, u), cast(ddelta, delta), cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), cast(dz, z),
             cast(dbias, delta_bias))
 
