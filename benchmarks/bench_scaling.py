@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from bench_selective_scan import make_inputs as make_scan_inputs  # noqa: E402
 
 import zigspark  # noqa: E402
 from zigspark import backends, orders  # noqa: E402
@@ -54,14 +55,7 @@ def grid_for(length: int) -> tuple[int, int]:
 
 def scan_case(batch, dim, n, length, device, dtype):
     order = orders.zigzag(*grid_for(length), path=3)
-    x = dict(u=torch.randn(batch, dim, length, device=device, dtype=dtype),
-             delta=(0.5 * torch.rand(batch, dim, length, device=device)).to(dtype),
-             A=-(0.5 + torch.rand(dim, n, device=device)),
-             B=torch.randn(batch, n, length, device=device, dtype=dtype),
-             C=torch.randn(batch, n, length, device=device, dtype=dtype),
-             D=torch.randn(dim, device=device),
-             z=torch.randn(batch, dim, length, device=device, dtype=dtype),
-             delta_bias=0.1 * torch.randn(dim, device=device))
+    x = make_scan_inputs(batch, dim, length, n, device, dtype)
 
     def call(backend, inputs):
         return zigspark.selective_scan(**inputs, delta_softplus=True, order=order, backend=backend)

@@ -48,3 +48,14 @@ def triton_device():
         return torch.device("cuda")
     assert backends.triton_interpreting()
     return torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor model tests: on a 2-core machine two threads cost more
+    than they bring, and many times more when the machine is busy. Use with
+    `pytestmark = [..., pytest.mark.usefixtures("one_thread")]`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

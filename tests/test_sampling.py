@@ -11,16 +11,9 @@ from torch import nn
 from zigspark.models import ZigMa
 from zigspark.sampling import resolve_labels, sample, save_samples
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not stall on a busy machine (see test_zigma.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class GaussianFlow(nn.Module):

@@ -18,19 +18,12 @@ from zigspark.train.checkpoint import has_checkpoint, load_checkpoint
 from zigspark.train.ema import EMA
 from zigspark.train.generator import TrainingDiverged, flow_matching_batch, train_generator
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_thread")]
 
 NARROW = {"width": 32, "depth": 2, "d_state": 4}
 NARROW_ARGS = ["--width", "32", "--depth", "2", "--d-state", "4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: threads cost more than they bring, and far more on a shared, busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

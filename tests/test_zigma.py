@@ -15,17 +15,9 @@ from zigspark.models.embeddings import sincos_2d, timestep_embedding
 from zigspark.nn import ZigzagMamba
 
 cpu = pytest.mark.cpu
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.one_thread)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two, and does not stall when other processes
-    share the cores (two OpenMP threads wait on each other at every op; measured 18x slower on a busy 2-core
-    machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small(**overrides):
