@@ -26,6 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .validation import check_int
+
 SOLVERS = ("euler", "heun")
 
 
@@ -87,10 +89,7 @@ def guided_velocity(model, x: torch.Tensor, t: float, y: Optional[torch.Tensor],
 
 def _check_arguments(model, num, steps, solver, cfg_scale, batch_size):
     for name, value, minimum in (("num", num, 0), ("steps", steps, 1), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        check_int(name, value, minimum)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real):

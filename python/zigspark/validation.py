@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -43,3 +45,15 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """t itself if its last dimension has stride 1 (what the kernels need), else a contiguous copy."""
     return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def check_int(name: str, value, minimum: int, *, optional: bool = False) -> int | None:
+    """`value` as an int >= minimum (bools are not ints); None passes when `optional`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {type(value).__name__} "
+                        f"{value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

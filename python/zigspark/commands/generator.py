@@ -26,7 +26,7 @@ class CommandError(Exception):
     """A user error the command reports in one line (exit code 2)."""
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -36,7 +36,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _nonnegative_float(text: str) -> float:
+def nonnegative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -137,7 +137,7 @@ def _parse_labels(text, num_classes: int, num: int):
     return torch.tensor([values[i % len(values)] for i in range(num)], dtype=torch.long)
 
 
-def _load_generator(checkpoint: str, weights: str, backend: str):
+def load_generator(checkpoint: str, weights: str, backend: str):
     from .. import models
     from ..train.checkpoint import load_checkpoint
 
@@ -164,7 +164,7 @@ def _cmd_sample(args) -> int:
         out = Path(args.out) if args.out else Path(args.checkpoint) / "samples.png"
         if out.suffix.lower() != ".png":
             raise CommandError(f"--out must end in .png, got {str(out)!r}")
-        model, ck = _load_generator(args.checkpoint, args.weights, args.backend)
+        model, ck = load_generator(args.checkpoint, args.weights, args.backend)
         labels = _parse_labels(args.labels, model.num_classes, args.num)
         import torch
 
@@ -205,49 +205,49 @@ def add_parsers(sub) -> None:
                        description="Train a ZigMa generator by flow matching. Resumes if --out holds a checkpoint; "
                                    "runs data-parallel under torchrun.")
     p.add_argument("--data", default="digits", help="digits | faces | photos | a folder of images | a .npy file")
-    p.add_argument("--resolution", type=_positive_int, help="resize images to this side (default: the source's)")
+    p.add_argument("--resolution", type=positive_int, help="resize images to this side (default: the source's)")
     p.add_argument("--split", default="train", choices=["train", "test", "all"])
     p.add_argument("--channels", type=int, choices=[1, 3], help="convert to gray (1) or RGB (3)")
     p.add_argument("--config", default="tiny", choices=["tiny", "S", "B", "L"], help="named ZigMa size")
     for name in ("patch_size", "width", "depth", "d_state"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_positive_int,
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=positive_int,
                        help=f"override the config's {name}")
-    p.add_argument("--class-dropout", type=_nonnegative_float, help="label dropout for guidance (default 0.1)")
+    p.add_argument("--class-dropout", type=nonnegative_float, help="label dropout for guidance (default 0.1)")
     p.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=None,
                    help="condition on the labels (default: when the data is labelled)")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="total optimiser steps (default 1000)")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch (default 128)")
-    p.add_argument("--lr", type=_nonnegative_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0)
+    p.add_argument("--steps", type=positive_int, default=1000, help="total optimiser steps (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch (default 128)")
+    p.add_argument("--lr", type=nonnegative_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
-    p.add_argument("--ema-decay", type=_nonnegative_float, default=0.999)
-    p.add_argument("--grad-clip", type=_nonnegative_float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--ema-decay", type=nonnegative_float, default=0.999)
+    p.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit_normal"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint directory (created; resumed from if it holds one)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=500)
-    p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument("--checkpoint-every", type=positive_int, default=500)
+    p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"],
                    help="kernels of the Mamba mixers")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"],
                    help="bf16 autocast (auto: on CUDA only)")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--threads", type=positive_int,
                    help="CPU threads of torch (default: torch's choice; 1 is fastest for tiny models on a busy CPU)")
     p.set_defaults(func=_cmd_train_generator)
 
     p = sub.add_parser("sample", help="draw images from a trained generator checkpoint",
                        description="Sample a ZigMa checkpoint by integrating the flow ODE from noise to data.")
     p.add_argument("--checkpoint", required=True, help="the --out directory of train-generator")
-    p.add_argument("--num", type=_positive_int, default=64)
-    p.add_argument("--steps", type=_positive_int, default=20, help="ODE steps (default 20)")
+    p.add_argument("--num", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=20, help="ODE steps (default 20)")
     p.add_argument("--solver", default="euler", choices=["euler", "heun"])
-    p.add_argument("--cfg", type=_nonnegative_float, default=1.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--cfg", type=nonnegative_float, default=1.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--labels", help="'all' (cycle through the classes), a class, or a comma-separated list")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--nrow", type=_positive_int, help="images per grid row")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--nrow", type=positive_int, help="images per grid row")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"])
     p.add_argument("--out", help="PNG path (default: CHECKPOINT/samples.png); the .npy goes next to it")

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from .generator import CommandError, _load_generator, _positive_int
+from .generator import CommandError, load_generator, positive_int
 
 
 def _fail(command: str, message) -> int:
@@ -145,7 +145,7 @@ def _cmd_probe(args) -> int:
 
     try:
         device = _device(args.device)
-        generator, ckpt = _load_generator(args.generator, args.weights, args.backend)
+        generator, ckpt = load_generator(args.generator, args.weights, args.backend)
         if not hasattr(generator, "sample_shape") or len(generator.sample_shape) != 3:
             raise CommandError(f"{args.generator} holds a video generator; the probe takes image generators")
         source = args.data or (ckpt.config.get("run") or {}).get("data") or \
@@ -182,17 +182,17 @@ def add_parsers(sub) -> None:
     backends = ["auto", "reference", "triton", "cuda"]
     p = sub.add_parser("train-recognizer", help="train the ViT recognizer (Spark FFN, HiPrune-ready) on labelled images")
     p.add_argument("--data", default="digits", help="digits, faces, an image folder or a .npy file (default: digits)")
-    p.add_argument("--resolution", type=_positive_int, help="resize the images to this side (default: the source's)")
+    p.add_argument("--resolution", type=positive_int, help="resize the images to this side (default: the source's)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/test split (default 0)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
-    p.add_argument("--steps", type=_positive_int, default=DIGITS_TRAINING["steps"])
-    p.add_argument("--batch-size", type=_positive_int, default=DIGITS_TRAINING["batch_size"])
+    p.add_argument("--steps", type=positive_int, default=DIGITS_TRAINING["steps"])
+    p.add_argument("--batch-size", type=positive_int, default=DIGITS_TRAINING["batch_size"])
     p.add_argument("--lr", type=float, default=DIGITS_TRAINING["lr"])
     p.add_argument("--weight-decay", type=float, default=DIGITS_TRAINING["weight_decay"])
     p.add_argument("--shift", type=int, default=DIGITS_TRAINING["shift"], help="random shift augmentation, pixels")
     for name in ("patch_size", "width", "depth", "heads", "head_depth"):
-        p.add_argument("--" + name.replace("_", "-"), type=_positive_int if name != "head_depth" else int,
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int if name != "head_depth" else int,
                        default=DIGITS_CONFIG[name])
     p.add_argument("--mlp-ratio", type=float, default=DIGITS_CONFIG["mlp_ratio"])
     p.add_argument("--density", type=float, default=DIGITS_CONFIG["density"],
@@ -200,7 +200,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation, batches and shifts")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=backends)
-    p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument("--log-every", type=positive_int, default=50)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval-recognizer", help="accuracy and throughput of a recognizer pruned by HiPrune and baselines")
@@ -210,11 +210,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--strategy", nargs="+", default=["hiprune", "attention", "random"],
                    choices=["hiprune", "attention", "random"])
     p.add_argument("--data", help="data source (default: the one the checkpoint was trained on)")
-    p.add_argument("--resolution", type=_positive_int, help="default: the checkpoint's")
+    p.add_argument("--resolution", type=positive_int, help="default: the checkpoint's")
     p.add_argument("--data-seed", type=int, help="split seed (default: the checkpoint's)")
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--random-trials", type=_positive_int, default=3, help="draws averaged for the random baseline")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--random-trials", type=positive_int, default=3, help="draws averaged for the random baseline")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--backend", choices=backends, help="override the checkpoint's backend")
@@ -230,7 +230,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--method", default="ridge", choices=["ridge", "logistic"])
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=backends)
     p.add_argument("--json", help="also write the result as JSON to this path")

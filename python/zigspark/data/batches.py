@@ -21,15 +21,9 @@ from typing import Iterator
 
 import torch
 
+from ..validation import check_int
 from ._seeds import derive_seed
 
-
-def _check_nonnegative_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 @lru_cache(maxsize=4)
@@ -55,10 +49,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int = 0) -> torch.Te
         >>> idx = batch_indices(1797, 64, step=1000, seed=0)
         >>> x, y = data.images[idx], data.labels[idx]
     """
-    _check_nonnegative_int("n", n, minimum=1)
-    _check_nonnegative_int("batch_size", batch_size, minimum=1)
-    _check_nonnegative_int("step", step)
-    _check_nonnegative_int("seed", seed)
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("step", step, 0)
+    check_int("seed", seed, 0)
     start = step * batch_size
     first_epoch, offset = divmod(start, n)
     last_epoch = (start + batch_size - 1) // n
@@ -68,7 +62,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int = 0) -> torch.Te
 
 def batch_stream(n: int, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """Endless (step, indices) pairs from `start_step` on: batch_indices(n, batch_size, step, seed) in turn."""
-    _check_nonnegative_int("start_step", start_step)
+    check_int("start_step", start_step, 0)
     step = start_step
     while True:
         yield step, batch_indices(n, batch_size, step, seed)

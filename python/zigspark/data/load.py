@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
+from ..validation import check_int
 from ._optional import require
 from .imageset import ImageSet
 from .splits import SPLITS, split_indices
@@ -23,19 +24,11 @@ _ALIASES = {"lfw": "faces"}
 _DEFAULT_RESOLUTION = {"digits": 8, "faces": 25}
 
 
-def _check_int(name: str, value, minimum: int, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
 
 def _check_arguments(resolution, split, seed, test_fraction, num_crops, channels) -> None:
-    _check_int("resolution", resolution, 1)
-    _check_int("num_crops", num_crops, 1)
-    _check_int("seed", seed, 0, optional=False)
+    check_int("resolution", resolution, 1, optional=True)
+    check_int("num_crops", num_crops, 1, optional=True)
+    check_int("seed", seed, 0)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not (

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .recognizer_eval import accuracy, model_device
+from .recognizer_eval import accuracy, in_batches
 
 
 def _as_float64(name: str, feats) -> torch.Tensor:
@@ -84,15 +84,8 @@ def _images(name: str, value) -> torch.Tensor:
 def recognizer_features(recognizer, images, *, batch_size: int = 256, device=None) -> torch.Tensor:
     """(N, D) float32 CPU penultimate features (all tokens) of images (N, C, H, W) or an ImageSet."""
     images = _images("images", images)
-    device = model_device(recognizer, device)
-    was_training = recognizer.training
-    recognizer.eval()
-    try:
-        feats = [recognizer.features(images[i:i + batch_size].to(device)).float().cpu()
-                 for i in range(0, images.shape[0], batch_size)]
-    finally:
-        recognizer.train(was_training)
-    return torch.cat(feats)
+    return in_batches(recognizer, images, lambda batch: recognizer.features(batch).float(), batch_size=batch_size,
+                      device=device)
 
 
 def recognizer_frechet(recognizer, real, fake, *, batch_size: int = 256, device=None) -> float:

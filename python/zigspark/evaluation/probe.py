@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .recognizer_eval import model_device
+from .recognizer_eval import in_batches
 
 METHODS = ("ridge", "logistic")
 
@@ -46,27 +46,20 @@ def _split_pair(data, generator, seed):
 def generator_features(generator, images: torch.Tensor, *, t: float, layer: int = -1, seed: int = 0,
                        batch_size: int = 256, device=None) -> torch.Tensor:
     """φ of the module docstring: (N, width) float64 CPU features of images (N, C, H, W) in [−1, 1]."""
-    device = model_device(generator, device)
     noise = torch.Generator().manual_seed(seed)
     num_classes = getattr(generator, "num_classes", 0)
-    was_training = generator.training
-    generator.eval()
-    feats = []
-    try:
-        for i in range(0, images.shape[0], batch_size):
-            x0 = images[i:i + batch_size]
-            eps = torch.randn(x0.shape, generator=noise)          # drawn on the CPU: the same on every device
-            xt = ((1 - t) * x0 + t * eps).to(device)
-            tt = torch.full((x0.shape[0],), float(t), device=device)
-            y = (torch.full((x0.shape[0],), num_classes, dtype=torch.long, device=device)
-                 if num_classes > 0 else None)
-            tokens = generator.features(xt, tt, y, layer)
-            if tokens.dim() != 3:
-                raise ValueError(f"generator.features must return (B, tokens, width), got {tuple(tokens.shape)}")
-            feats.append(tokens.mean(dim=1).double().cpu())
-    finally:
-        generator.train(was_training)
-    return torch.cat(feats)
+
+    def pooled(x0):                                    # batches arrive in order, so the noise stream is fixed
+        eps = torch.randn(x0.shape, generator=noise).to(x0.device)   # drawn on the CPU: the same on every device
+        xt = (1 - t) * x0 + t * eps
+        tt = torch.full((x0.shape[0],), float(t), device=x0.device)
+        y = torch.full((x0.shape[0],), num_classes, dtype=torch.long, device=x0.device) if num_classes > 0 else None
+        tokens = generator.features(xt, tt, y, layer)
+        if tokens.dim() != 3:
+            raise ValueError(f"generator.features must return (B, tokens, width), got {tuple(tokens.shape)}")
+        return tokens.mean(dim=1).double()
+
+    return in_batches(generator, images, pooled, batch_size=batch_size, device=device)
 
 
 def _fit_ridge(x, onehot, lam):

@@ -31,6 +31,20 @@ def model_device(model, device=None) -> torch.device:
 
 
 @torch.no_grad()
+def in_batches(model, images: torch.Tensor, fn, *, batch_size: int, device=None):
+    """torch.cat of fn(batch on the model's device), moved to the CPU, over consecutive batches of images,
+    with the model in eval mode (its mode is restored afterwards); None for no images."""
+    device = model_device(model, device)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [fn(images[i:i + batch_size].to(device)).cpu() for i in range(0, images.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(outs) if outs else None
+
+
+@torch.no_grad()
 def predict(model, images: torch.Tensor, *, keep=None, strategy: str = "hiprune", batch_size: int = 256,
             device=None, seed: int = 0) -> torch.Tensor:
     """Predicted classes (M,) int64 on the CPU of images (M, C, H, W), in batches, model in eval mode."""
@@ -39,16 +53,10 @@ def predict(model, images: torch.Tensor, *, keep=None, strategy: str = "hiprune"
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    device = model_device(model, device)
-    was_training = model.training
-    model.eval()
     generator = torch.Generator().manual_seed(seed) if strategy == "random" else None
-    try:
-        preds = [model(images[i:i + batch_size].to(device), keep=keep, strategy=strategy, generator=generator)
-                 .argmax(1).cpu() for i in range(0, images.shape[0], batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    preds = in_batches(model, images, lambda batch: model(batch, keep=keep, strategy=strategy, generator=generator)
+                       .argmax(1), batch_size=batch_size, device=device)
+    return preds if preds is not None else torch.empty(0, dtype=torch.long)
 
 
 def accuracy(model, images: torch.Tensor, labels: torch.Tensor, *, keep=None, strategy: str = "hiprune",

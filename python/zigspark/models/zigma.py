@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import orders
+from ..validation import check_int
 from .adaln import FinalLayer, ZigMaBlock
 from .embeddings import LabelEmbedder, PositionEmbedding, TimestepEmbedder, sincos_2d, sincos_3d
 
@@ -38,19 +39,12 @@ POS_EMBEDS = ("sincos", "learned")
 
 # ---- argument checks -----------------------------------------------------------------------------------
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
 
 def _image_size(value) -> tuple[int, int]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return _positive_int("image_size", value), int(value)
+        return check_int("image_size", value, 1), int(value)
     if isinstance(value, (tuple, list)) and len(value) == 2:
-        return _positive_int("image_size[0]", value[0]), _positive_int("image_size[1]", value[1])
+        return check_int("image_size[0]", value[0], 1), check_int("image_size[1]", value[1], 1)
     raise TypeError(f"image_size must be an int or an (H, W) pair, got {value!r}")
 
 
@@ -58,14 +52,14 @@ def _common_config(image_size, channels, patch_size, width, depth, d_state, expa
                    class_dropout, pos_embed, backend) -> dict:
     """Validate the arguments ZigMa and ZigMaVideo share; return them as a JSON-able dict."""
     height, width_px = _image_size(image_size)
-    patch_size = _positive_int("patch_size", patch_size)
+    patch_size = check_int("patch_size", patch_size, 1)
     if height % patch_size or width_px % patch_size:
         raise ValueError(f"image_size {height}x{width_px} is not divisible by patch_size={patch_size}; "
                          f"choose a patch_size that divides both sides (or resize the images)")
-    width = _positive_int("width", width)
+    width = check_int("width", width, 1)
     if width % 4:
         raise ValueError(f"width must be a multiple of 4 (the 2-D sin-cos positions split it in four), got {width}")
-    if not 2 <= _positive_int("d_conv", d_conv) <= 4:
+    if not 2 <= check_int("d_conv", d_conv, 1) <= 4:
         raise ValueError(f"d_conv must be 2, 3 or 4 (the causal conv1d kernels take widths 2-4), got {d_conv}")
     if not isinstance(class_dropout, numbers.Real) or not 0.0 <= class_dropout < 1.0:
         raise ValueError(f"class_dropout must be a probability in [0, 1), got {class_dropout!r}")
@@ -75,14 +69,14 @@ def _common_config(image_size, channels, patch_size, width, depth, d_state, expa
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return {
         "image_size": height if height == width_px else [height, width_px],
-        "channels": _positive_int("channels", channels),
+        "channels": check_int("channels", channels, 1),
         "patch_size": patch_size,
         "width": width,
-        "depth": _positive_int("depth", depth),
-        "d_state": _positive_int("d_state", d_state),
-        "expand": _positive_int("expand", expand),
-        "d_conv": _positive_int("d_conv", d_conv),
-        "num_classes": _positive_int("num_classes", num_classes, minimum=0),
+        "depth": check_int("depth", depth, 1),
+        "d_state": check_int("d_state", d_state, 1),
+        "expand": check_int("expand", expand, 1),
+        "d_conv": check_int("d_conv", d_conv, 1),
+        "num_classes": check_int("num_classes", num_classes, 0),
         "class_dropout": float(class_dropout),
         "pos_embed": pos_embed,
         "backend": backend,
@@ -310,7 +304,7 @@ class ZigMaVideo(_ZigMaStack):
     def __init__(self, frames: int, image_size, channels: int, patch_size: int, width: int, depth: int,
                  d_state: int = 16, expand: int = 2, d_conv: int = 4, num_classes: int = 0,
                  class_dropout: float = 0.1, pos_embed: str = "sincos", backend: str = "auto"):
-        frames = _positive_int("frames", frames)
+        frames = check_int("frames", frames, 1)
         config = {"frames": frames, **_common_config(image_size, channels, patch_size, width, depth, d_state,
                                                      expand, d_conv, num_classes, class_dropout, pos_embed,
                                                      backend)}

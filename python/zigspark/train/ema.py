@@ -16,9 +16,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+from .distributed import unwrap_model
 
 
 class EMA:
@@ -42,7 +40,7 @@ class EMA:
             raise ValueError(f"decay must be in [0, 1), got {decay}; 0.999 is a common choice")
         self.model = model
         self.decay, self.warmup, self.num_updates = float(decay), bool(warmup), 0
-        module = _unwrap(model)
+        module = unwrap_model(model)
         self._averaged = {name for name, p in module.named_parameters() if p.is_floating_point()}
         self.shadow: Dict[str, torch.Tensor] = {
             name: t.detach().clone() for name, t in module.state_dict().items()}
@@ -56,7 +54,7 @@ class EMA:
     def update(self, model: Optional[nn.Module] = None) -> None:
         """Fold the current weights of `model` (default: the tracked model) into the average."""
         decay = self.current_decay()
-        for name, t in _unwrap(model if model is not None else self.model).state_dict().items():
+        for name, t in unwrap_model(model if model is not None else self.model).state_dict().items():
             if name in self._averaged:
                 self.shadow[name].lerp_(t.detach(), 1.0 - decay)
             else:
@@ -86,5 +84,5 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> nn.Module:
         """Load the averaged weights into `model` (same architecture); returns it."""
-        _unwrap(model).load_state_dict(self.shadow)
+        unwrap_model(model).load_state_dict(self.shadow)
         return model

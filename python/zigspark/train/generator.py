@@ -38,6 +38,7 @@ from . import distributed
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .progress import ProgressLine, format_duration
+from ..validation import check_int
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 AMP_MODES = (None, "none", "bf16")
@@ -71,13 +72,6 @@ class TrainResult:
     out_dir: Optional[Path] = None
     config: Dict[str, Any] = field(default_factory=dict)
 
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_float(name: str, value, minimum: float, *, inclusive: bool = True, maximum: float = math.inf) -> float:
@@ -120,10 +114,6 @@ def _resolve_amp(amp, device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         raise ValueError(f"amp='bf16' autocasts on CUDA only; on {device.type} use amp=None")
     return amp
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _weights_finite(model: nn.Module) -> bool:
@@ -242,12 +232,12 @@ def train_generator(data, model: nn.Module, *, steps: int, batch_size: int = 128
         TrainingDiverged: the loss or the weights became non-finite (the last good checkpoint is kept).
         ValueError / TypeError: a bad argument, or out_dir holds an incompatible checkpoint.
     """
-    steps = _check_int("steps", steps, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
-    log_every = _check_int("log_every", log_every, 1)
-    seed = _check_int("seed", seed, 0)
+    steps = check_int("steps", steps, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
+    log_every = check_int("log_every", log_every, 1)
+    seed = check_int("seed", seed, 0)
     lr = _check_float("lr", lr, 0.0, inclusive=False)
     weight_decay = _check_float("weight_decay", weight_decay, 0.0)
     ema_decay = _check_float("ema_decay", ema_decay, 0.0, maximum=1.0)
