@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..orders import inverse
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,55 +53,69 @@ def permute_steps(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 
 class ChunkLayout:
-    """(batch, dim, L) tensors <-> the chunked layout (T, N or 1, batch, chunks, dim), L padded to chunks·T.
+    """Raster-order tensors <-> the chunked layout (T, N or 1, chunks, batch, channels) in scan order.
 
-    Padded steps get Δ = 0 (a = 1, b = 0: the identity) and zero B, C and gradient, so they change nothing.
+    Slot (t, c) holds step c·T + t of the scan order, which is raster position order[c·T + t]: the gather
+    into scan order *is* the layout copy, and the scatter back is the copy out, so no permuted copy of any
+    input is made. L is padded to chunks·T; padded slots get Δ = 0 (a = 1, b = 0: the identity) and zero
+    B, C and gradient, so they change nothing, and their outputs land in a spare position that is dropped.
     """
 
-    def __init__(self, batch: int, dim: int, length: int, chunk: int | None = None):
-        self.batch, self.dim, self.length = batch, dim, length
+    def __init__(self, batch: int, length: int, chunk: int | None = None, order_index: torch.Tensor | None = None,
+                 device: torch.device | None = None):
+        self.batch, self.length = batch, length
         self.steps = chunk or max(8, int(round(length ** 0.5)))
         self.chunks = -(-length // self.steps)
         self.pad = self.chunks * self.steps - length
+        src = torch.arange(length, device=device) if order_index is None else order_index.to(device)
+        src = torch.cat([src, src.new_full((self.pad,), length)])          # padded steps -> spare position L
+        self.slots = src.view(self.chunks, self.steps).t().reshape(-1)     # (T·chunks,): slot -> position
+        self.read_slots = self.slots.clamp(max=length - 1) if self.pad else self.slots
+
+    def _gather(self, steps_first: torch.Tensor) -> torch.Tensor:
+        """(L, ...) -> (T, chunks, ...) in slot order, padded slots zero."""
+        out = steps_first.index_select(0, self.read_slots).view(self.steps, self.chunks, *steps_first.shape[1:])
+        if self.pad:
+            out[self.steps - self.pad:, -1] = 0
+        return out
+
+    def _scatter(self, x: torch.Tensor, shape: tuple[int, ...], steps_first) -> torch.Tensor:
+        """(T, chunks, ...) -> a new tensor of `shape` (steps last), through the permutation `steps_first`
+        that views it steps-first."""
+        out = x.new_empty((*shape[:-1], shape[-1] + (1 if self.pad else 0)))
+        steps_first(out).index_copy_(0, self.slots, x.reshape(self.steps * self.chunks, *x.shape[2:]))
+        return out[..., :self.length].contiguous() if self.pad else out
 
     def scalars(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, dim, L) -> (T, 1, batch, chunks, dim)."""
-        if self.pad:
-            x = F.pad(x, (0, self.pad))
-        x = x.reshape(self.batch, self.dim, self.chunks, self.steps)
-        return x.permute(3, 0, 2, 1).unsqueeze(1).contiguous()
+        """(batch, d, L) -> (T, 1, chunks, batch, d)."""
+        return self._gather(x.permute(2, 0, 1)).unsqueeze(1)
 
-    def unscalars(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, [1,] batch, chunks, dim) -> (batch, dim, L)."""
-        x = x.reshape(self.steps, self.batch, self.chunks, self.dim).permute(1, 3, 2, 0)
-        return x.reshape(self.batch, self.dim, -1)[..., :self.length]
+    def unscalars(self, y: torch.Tensor) -> torch.Tensor:
+        """(T, [1,] chunks, batch, d) -> (batch, d, L)."""
+        y = y.reshape(self.steps, self.chunks, self.batch, y.shape[-1])
+        return self._scatter(y, (self.batch, y.shape[-1], self.length), lambda t: t.permute(2, 0, 1))
 
-    def bc(self, M: torch.Tensor) -> torch.Tensor:
-        """B or C (already in scan order) -> broadcastable to (T, N, batch, chunks, dim)."""
+    def bc(self, M: torch.Tensor, dim: int) -> torch.Tensor:
+        """B or C (raster order) for `dim` channels -> broadcastable to (T, N, chunks, batch, dim)."""
         if M.dim() == 2:                                             # (dim, N)
             return M.t()[None, :, None, None, :]
-        if self.pad:
-            M = F.pad(M, (0, self.pad))
         if M.dim() == 3:                                             # (batch, N, L)
-            M = M.reshape(self.batch, -1, self.chunks, self.steps)
-            return M.permute(3, 1, 0, 2).unsqueeze(-1).contiguous()
-        groups, n = M.shape[1], M.shape[2]                           # (batch, G, N, L)
-        M = M.reshape(self.batch, groups, n, self.chunks, self.steps).repeat_interleave(self.dim // groups, dim=1)
-        return M.permute(4, 2, 0, 3, 1).contiguous()
+            return self._gather(M.permute(2, 1, 0)).permute(0, 2, 1, 3).unsqueeze(-1).contiguous()
+        groups = M.shape[1]                                          # (batch, G, N, L)
+        per_step = self._gather(M.permute(3, 2, 0, 1)).permute(0, 2, 1, 3, 4)
+        return per_step.repeat_interleave(dim // groups, dim=-1)
 
     def reduce_bc(self, grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Sum a (T, N, batch, chunks, dim) gradient down to the layout of B or C (in scan order)."""
+        """Sum a (T, N, chunks, batch, dim) gradient down to the layout of B or C (raster order)."""
         if like.dim() == 2:
             return grad.sum((0, 2, 3)).t()
-        steps, n, batch, chunks, dim = grad.shape
+        steps, n, chunks, batch, dim = grad.shape
         if like.dim() == 3:
-            per_step = grad.sum(-1)                                  # (T, N, batch, chunks)
-            per_step = per_step.permute(2, 1, 3, 0)                  # (batch, N, chunks, T)
-        else:
-            groups = like.shape[1]
-            per_step = grad.reshape(steps, n, batch, chunks, groups, dim // groups).sum(-1)
-            per_step = per_step.permute(2, 4, 1, 3, 0)               # (batch, G, N, chunks, T)
-        return per_step.reshape(*per_step.shape[:-2], -1)[..., :self.length]
+            per_step = grad.sum(-1).permute(0, 2, 1, 3)                  # (T, chunks, N, batch)
+            return self._scatter(per_step, (batch, n, self.length), lambda t: t.permute(2, 1, 0))
+        groups = like.shape[1]
+        per_step = grad.reshape(steps, n, chunks, batch, groups, dim // groups).sum(-1).permute(0, 2, 1, 3, 4)
+        return self._scatter(per_step, (batch, groups, n, self.length), lambda t: t.permute(3, 2, 0, 1))
 
 
 def _pick(M: torch.Tensor, t: int) -> torch.Tensor:
@@ -110,60 +123,91 @@ def _pick(M: torch.Tensor, t: int) -> torch.Tensor:
     return M[t if M.shape[0] > 1 else 0]
 
 
-def _inputs(u, delta, A, B, C, delta_bias, delta_softplus, order_index):
-    """Scan-order, compute-dtype inputs: (acc, u_s, pre-softplus δ, Δ, B_s, C_s), B_s/C_s in their layouts."""
+def _inputs(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Compute-dtype inputs in raster order: (acc, u, pre-softplus δ, Δ, B, C). Everything before the scan
+    is elementwise per step, so it is done before the gather into scan order."""
     acc = compute_dtype(u.dtype)
-    u_s = permute_steps(u, order_index).to(acc)
-    pre = permute_steps(delta, order_index).to(acc)
+    pre = delta.to(acc)
     if delta_bias is not None:
         pre = pre + delta_bias.to(acc)[:, None]
-    delta_s = F.softplus(pre) if delta_softplus else pre
-    B_s = (B if B.dim() == 2 else permute_steps(B, order_index)).to(acc)
-    C_s = (C if C.dim() == 2 else permute_steps(C, order_index)).to(acc)
-    return acc, u_s, pre, delta_s, B_s, C_s
+    delta_ = F.softplus(pre) if delta_softplus else pre
+    return acc, u.to(acc), pre, delta_, B.to(acc), C.to(acc)
 
 
-def scan_outputs(delta_s: torch.Tensor, A: torch.Tensor, u_s: torch.Tensor, B_s: torch.Tensor, C_s: torch.Tensor,
-                 chunk: int | None = None):
-    """y_t = C_t·h_t for all t (batch, dim, L) and the final state (batch, dim, N), without materialising
-    every state. Δ and u are (batch, dim, L) in scan order, A (dim, N), B_s/C_s in scan order."""
-    batch, dim, length = u_s.shape
-    lay = ChunkLayout(batch, dim, length, chunk)
-    dlt = lay.scalars(delta_s)                                          # (T, 1, b, nc, d)
-    a_all = torch.exp(dlt * A.t()[None, :, None, None, :])              # (T, N, b, nc, d), one pass
-    b_all = lay.scalars(delta_s * u_s) * lay.bc(B_s)
-    C_t = lay.bc(C_s)
-    h = b_all[0]
-    decay = a_all[0].clone()
-    y_local = [(h * _pick(C_t, 0)).sum(0)]
-    for t in range(1, lay.steps):                                        # all chunks from a zero state
-        h = torch.addcmul(b_all[t], a_all[t], h)
-        decay.mul_(a_all[t])
-        y_local.append((h * _pick(C_t, t)).sum(0))
-    carry = [torch.zeros_like(h[:, :, 0])]
-    for c in range(lay.chunks):                                          # state entering chunk c + 1
-        carry.append(torch.addcmul(h[:, :, c], decay[:, :, c], carry[-1]))
-    last_state = carry.pop()                                             # (N, b, d)
-    p = torch.stack(carry, dim=2)                                        # state entering each chunk
-    y = []
-    for t in range(lay.steps):                                           # add the carried-in state
-        p = p * a_all[t]
-        y.append(y_local[t] + (p * _pick(C_t, t)).sum(0))
-    return lay.unscalars(torch.stack(y)), last_state.permute(1, 2, 0).contiguous()
+# Elements of one (T, N, chunks, batch, channels) work tensor: channels are scanned in blocks small enough
+# for the block's tensors to stay in the CPU's caches (4 MiB in float32) rather than stream through memory.
+_BLOCK_ELEMENTS = 1 << 20
 
 
+def _channel_blocks(batch: int, dim: int, length: int, n: int, per_group: int = 1):
+    """(d0, d1) blocks of channels; each covers whole groups of a grouped B or C."""
+    width = max(1, min(dim, _BLOCK_ELEMENTS // max(1, batch * length * n)))
+    width = -(-width // per_group) * per_group
+    return [(d0, min(dim, d0 + width)) for d0 in range(0, dim, width)]
+
+
+def _bc_block(M: torch.Tensor, d0: int, d1: int, dim: int) -> torch.Tensor:
+    """B or C (any layout) restricted to the channels d0:d1 (whole groups when grouped)."""
+    if M.dim() == 2:
+        return M[d0:d1]
+    if M.dim() == 3:
+        return M
+    per_group = dim // M.shape[1]
+    return M[:, d0 // per_group:d1 // per_group]
+
+
+def scan_outputs(lay: ChunkLayout, delta: torch.Tensor, A: torch.Tensor, u: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor):
+    """y_t = C_t·h_t for all t, (batch, dim, L) in raster order, and the final state (batch, dim, N), without
+    materialising every state at once. Inputs in raster order; the layout applies the scan order."""
+    batch, dim, length = u.shape
+    per_group = max((dim // M.shape[1] for M in (B, C) if M.dim() == 4), default=1)
+    blocks = _channel_blocks(batch, dim, length, A.shape[1], per_group)
+    ys, states = zip(*(_scan_block(lay, delta[:, d0:d1], A[d0:d1], u[:, d0:d1], _bc_block(B, d0, d1, dim),
+                                   _bc_block(C, d0, d1, dim)) for d0, d1 in blocks))
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, -1)                     # (T, chunks, batch, dim)
+    return lay.unscalars(y), torch.cat(states, -1).permute(1, 2, 0).contiguous()
+
+
+def _scan_block(lay: ChunkLayout, delta, A, u, B, C):
+    """One block of channels: (y in the layout (T, chunks, batch, d), final state (N, batch, d)).
+
+    With Λ_t = Σ_{s ≤ t in chunk} Δ_s, the decay from a chunk's start to its step t is exp(Λ_t·A): one exp
+    of running sums replaces a running product, so apart from the T-step local scan and the loop over
+    chunks every step is one whole-tensor op, most of them in place.
+    """
+    dim = u.shape[1]
+    A_t = A.t()[None, :, None, None, :]                                  # (1, N, 1, 1, d)
+    dlt = lay.scalars(delta)                                             # (T, 1, nc, b, d)
+    a = torch.mul(dlt, A_t).exp_()                                       # (T, N, nc, b, d)
+    h = lay.scalars(delta * u) * lay.bc(B, dim)                          # b_t, scanned in place below
+    h_steps, a_steps = h.unbind(0), a.unbind(0)
+    for t in range(1, lay.steps):                                        # every chunk from a zero state
+        h_steps[t].addcmul_(a_steps[t], h_steps[t - 1])
+    decay = torch.mul(dlt.cumsum(0), A_t, out=a).exp_()                  # exp(Λ_t·A), in a's memory
+    carry = torch.zeros_like(h[0])                                       # state entering each chunk
+    ends, end_decays, carries = h[-1].unbind(1), decay[-1].unbind(1), carry.unbind(1)
+    for c in range(1, lay.chunks):
+        torch.addcmul(ends[c - 1], end_decays[c - 1], carries[c - 1], out=carries[c])
+    last_state = torch.addcmul(ends[-1], end_decays[-1], carries[-1])    # (N, b, d)
+    h.addcmul_(decay, carry)                                             # local states + carried-in state
+    return torch.linalg.vecdot(h, lay.bc(C, dim), dim=1), last_state     # Σ_n C_t·h_t
+
+
+@torch.no_grad()
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    order_index: torch.Tensor | None = None, chunk: int | None = None):
     """(out, last_state): out (batch, dim, L) in u's dtype and raster order, last_state (batch, dim, N)
-    in the compute dtype — the state after the last step of the order. Differentiable by autograd."""
-    acc, u_s, _, delta_s, B_s, C_s = _inputs(u, delta, A, B, C, delta_bias, delta_softplus, order_index)
-    y, last_state = scan_outputs(delta_s, A.to(acc), u_s, B_s, C_s, chunk)
+    in the compute dtype — the state after the last step of the order. The scan works in place, so this
+    runs without autograd: the op (zigspark::selective_scan_fwd) registers selective_scan_backward, which
+    the tests check against autograd of sequential_selective_scan."""
+    acc, u_, _, delta_, B_, C_ = _inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    lay = ChunkLayout(u.shape[0], u.shape[-1], chunk, order_index, u.device)
+    y, last_state = scan_outputs(lay, delta_, A.to(acc), u_, B_, C_)
     if D is not None:
-        y = y + D.to(acc)[:, None] * u_s
+        y.addcmul_(D.to(acc)[:, None], u_)
     if z is not None:
-        y = y * F.silu(permute_steps(z, order_index).to(acc))
-    if order_index is not None:                          # back to raster: out[order[t]] = y[t]
-        y = y.index_select(-1, inverse(order_index))
+        y.mul_(F.silu(z.to(acc)))
     return y.to(u.dtype), last_state
 
 
@@ -176,89 +220,81 @@ def selective_scan_backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delt
     the same way — a loop over T for all chunks at once from a zero adjoint, a loop over chunks for the
     adjoint entering each chunk from the right, and the fix-up ∂h_t += (Π_{s>t in chunk} a_s)·carry.
     """
-    acc, u_s, pre, delta_s, B_s, C_s = _inputs(u, delta, A, B, C, delta_bias, delta_softplus, order_index)
-    batch, dim, length = u_s.shape
-    lay = ChunkLayout(batch, dim, length, chunk)
+    acc, u_, pre, delta_, B_, C_ = _inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    batch, dim, length = u_.shape
+    lay = ChunkLayout(batch, length, chunk, order_index, u.device)
     A_t = A.to(acc).t()[None, :, None, None, :]                          # (1, N, 1, 1, d)
-    dlt, u_t = lay.scalars(delta_s), lay.scalars(u_s)                    # (T, 1, b, nc, d)
-    B_t, C_t = lay.bc(B_s), lay.bc(C_s)
-    a = torch.exp(dlt * A_t)                                             # (T, N, b, nc, d)
+    dlt, u_t = lay.scalars(delta_), lay.scalars(u_)                      # (T, 1, nc, b, d)
+    B_t, C_t = lay.bc(B_, dim), lay.bc(C_, dim)
+    a = torch.exp(dlt * A_t)                                             # (T, N, nc, b, d)
     bu = dlt * u_t
 
     # forward states: local scan of every chunk, then the state carried into each chunk
     states, decay = torch.empty_like(a), torch.empty_like(a)    # decay: Π_{s≤t in chunk} a_s (cumprod is slower)
-    torch.mul(bu[0], B_t[0], out=states[0])
+    torch.mul(bu[0], _pick(B_t, 0), out=states[0])
     decay[0] = a[0]
     for t in range(1, lay.steps):
         torch.addcmul(bu[t] * _pick(B_t, t), a[t], states[t - 1], out=states[t])
         torch.mul(decay[t - 1], a[t], out=decay[t])
-    carry = [torch.zeros_like(states[0, :, :, 0])]
+    carry = [torch.zeros_like(states[0, :, 0])]
     for c in range(lay.chunks - 1):
-        carry.append(torch.addcmul(states[-1, :, :, c], decay[-1, :, :, c], carry[-1]))
-    states.addcmul_(decay, torch.stack(carry, dim=2))                    # h_t
+        carry.append(torch.addcmul(states[-1, :, c], decay[-1, :, c], carry[-1]))
+    states.addcmul_(decay, torch.stack(carry, dim=1))                    # h_t
     del decay
 
-    g = permute_steps(dout, order_index).to(acc)
+    g = dout.to(acc)
     dz = None
     if z is not None:
-        z_s = permute_steps(z, order_index).to(acc)
+        z_ = z.to(acc)
         y = lay.unscalars((states * C_t).sum(1))
         if D is not None:
-            y = y + D.to(acc)[:, None] * u_s
-        sig = torch.sigmoid(z_s)
-        dz = g * y * sig * (1 + z_s * (1 - sig))
-        g = g * z_s * sig
+            y = y + D.to(acc)[:, None] * u_
+        sig = torch.sigmoid(z_)
+        dz = g * y * sig * (1 + z_ * (1 - sig))
+        g = g * z_ * sig
     g_t = lay.scalars(g)
 
     # adjoint ∂h_t = g_t·C_t + a_{t+1}·∂h_{t+1}, backwards
     dh = torch.empty_like(a)
     torch.mul(g_t[-1], _pick(C_t, lay.steps - 1), out=dh[-1])
-    if dlast is not None and lay.pad == 0:
-        dh[-1, :, :, -1] += dlast.to(acc).permute(2, 0, 1)
+    dlast_t = None if dlast is None else dlast.to(acc).permute(2, 0, 1)  # (N, b, d)
+    if dlast_t is not None and lay.pad == 0:
+        dh[-1, :, -1] += dlast_t
     for t in range(lay.steps - 2, -1, -1):
         torch.addcmul(g_t[t] * _pick(C_t, t), a[t + 1], dh[t + 1], out=dh[t])
-        if dlast is not None and t == (length - 1) % lay.steps and lay.pad:
-            dh[t, :, :, -1] += dlast.to(acc).permute(2, 0, 1)
+        if dlast_t is not None and lay.pad and t == (length - 1) % lay.steps:
+            dh[t, :, -1] += dlast_t
     after = torch.empty_like(a)                                          # Π_{s>t in chunk} a_s
     after[-1] = 1
     for t in range(lay.steps - 2, -1, -1):
         torch.mul(after[t + 1], a[t + 1], out=after[t])
-    carry = [torch.zeros_like(dh[0, :, :, 0])]                           # adjoint entering chunk c from c+1
+    carry = [torch.zeros_like(dh[0, :, 0])]                              # adjoint entering chunk c from c+1
     for c in range(lay.chunks - 1, 0, -1):
-        carry.append(a[0, :, :, c] * torch.addcmul(dh[0, :, :, c], after[0, :, :, c], carry[-1]))
-    dh.addcmul_(after, torch.stack(carry[::-1], dim=2))
+        carry.append(a[0, :, c] * torch.addcmul(dh[0, :, c], after[0, :, c], carry[-1]))
+    dh.addcmul_(after, torch.stack(carry[::-1], dim=1))
     del after
 
     h_prev = torch.empty_like(states)                                    # h_{t−1}, zero before the first step
     h_prev[1:] = states[:-1]
-    h_prev[0, :, :, 1:] = states[-1, :, :, :-1]
-    h_prev[0, :, :, 0] = 0
+    h_prev[0, :, 1:] = states[-1, :, :-1]
+    h_prev[0, :, 0] = 0
     da_a = h_prev.mul_(a).mul_(dh)                                       # ∂a_t·a_t
-    dh_B = (dh * B_t).sum(1, keepdim=True)                               # Σ_n ∂h_t·B_t  (T, 1, b, nc, d)
+    dh_B = (dh * B_t).sum(1, keepdim=True)                               # Σ_n ∂h_t·B_t  (T, 1, nc, b, d)
     ddelta_t = (da_a * A_t).sum(1, keepdim=True) + dh_B * u_t
     du_t = dh_B * dlt
     dA = (da_a * dlt).sum((0, 2, 3)).t()
     dB = lay.reduce_bc(dh.mul_(bu), B)
     dC = lay.reduce_bc(states.mul_(g_t), C)
-    ddelta_s, du_s = lay.unscalars(ddelta_t), lay.unscalars(du_t)
+    ddelta_, du_ = lay.unscalars(ddelta_t), lay.unscalars(du_t)
     dD = None
     if D is not None:
-        du_s = du_s + D.to(acc)[:, None] * g
-        dD = (g * u_s).sum((0, 2))
+        du_ = du_ + D.to(acc)[:, None] * g
+        dD = (g * u_).sum((0, 2))
     if delta_softplus:
-        ddelta_s = ddelta_s * torch.sigmoid(pre)
-    dbias = ddelta_s.sum((0, 2)) if delta_bias is not None else None
-
-    unpermute = (lambda t: t) if order_index is None else (lambda t: t.index_select(-1, inverse(order_index)))
-    du, ddelta = unpermute(du_s), unpermute(ddelta_s)
-    if B.dim() > 2:
-        dB = unpermute(dB)
-    if C.dim() > 2:
-        dC = unpermute(dC)
-    if dz is not None:
-        dz = unpermute(dz)
+        ddelta_ = ddelta_ * torch.sigmoid(pre)
+    dbias = ddelta_.sum((0, 2)) if delta_bias is not None else None
     cast = lambda grad, like: None if like is None else grad.to(like.dtype).contiguous()  # noqa: E731
-    return (cast(du, u), cast(ddelta, delta), cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), cast(dz, z),
+    return (cast(du_, u), cast(ddelta_, delta), cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), cast(dz, z),
             cast(dbias, delta_bias))
 
 
