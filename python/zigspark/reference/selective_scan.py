@@ -15,15 +15,16 @@ Backward (g = ∂L/∂y after the gate; a_t = exp(Δ_t·A), b_t = Δ_t·B_t·u_t
     ∂Δ_t = Σ_n (∂a_t·a_t·A + ∂h_t·B_t·u_t),  ∂A = Σ_t ∂a_t·a_t·Δ_t,  ∂B_t = ∂h_t·Δ_t·u_t
     ∂u_t = Σ_n ∂h_t·B_t·Δ_t + D·g_t,  ∂D = Σ_t g_t·u_t,  ∂δ = ∂Δ·sigmoid(δ + bias) with softplus
 
-Fast PyTorch: the L steps are cut into L/T chunks of T ≈ √L steps and laid out (T, N, batch, chunks, dim):
+Fast PyTorch: the L steps are cut into L/T chunks of T ≈ √L steps and laid out (T, N, chunks, batch, dim):
 step-major, so every per-step slice is contiguous, and channel-innermost, so every elementwise op runs
 over long contiguous rows (an innermost N of 16 or less would make PyTorch's CPU loops crawl; per-step
-scalars broadcast over the outer N). A loop of T steps runs all chunks at once from a zero state (giving
-y's local part and each chunk's end state and decay); a loop over the chunks carries the state across
-chunk boundaries; a second loop of T steps adds C_t·(Π_{s ≤ t in chunk} a_s)·h_carry to y. That is
-2T + L/T Python steps instead of L, no state tensor in the forward, and only products of factors in
-(0, 1] (no exp of positive numbers, so no overflow). The backward materialises the states once and runs
-the adjoint the same way, backwards.
+scalars broadcast over the outer N). The copy into that layout is also the gather into scan order, so the
+order costs no extra pass. In the forward a loop of T steps scans all chunks at once, in place, from a zero
+state; a loop over the chunks carries the state across chunk boundaries; then one whole-tensor op adds
+exp(Λ_t·A)·h_carry, with Λ_t = Σ_{s ≤ t in chunk} Δ_s (for Δ ≥ 0 every exp has a non-positive argument,
+so nothing overflows). That is T + L/T Python steps instead of L, and wide inputs go a block of channels at
+a time so that the work tensors stay in cache. The backward materialises the states once and runs the
+adjoint the same way, backwards.
 """
 
 from __future__ import annotations
