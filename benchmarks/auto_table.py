@@ -10,9 +10,14 @@ the forward call and its backward follows it. With t_b(c) the time of backend b 
     score(b) = geometric mean over the cases c that timed b of  t_b(c) / min_b' t_b'(c)    (1.0 = always fastest)
 
 and the preference order is the measured backends by increasing score, then the backends no case timed, in
-the order they had. The cases themselves (sizes, times, the fastest) are written under "measured", so the
-table records which backend won in which size range; backends.resolve reads only the order, which does not
-depend on size yet. Where nothing was compared (today: the CPU, where only the reference runs natively, and
+the order they had. The cases themselves (sizes, times, the fastest) are written under "measured".
+
+Size ranges: each op registers the size it passes to backends.resolve (its size key, a field of its
+benchmark rows: d for stat_topk, L for the scan, seqlen for attention, ...). When the fastest backend
+changes along that size, the sizes are cut into runs with the same winner, each run's order is ranked from
+its own cases as above, and the bound between two runs is the geometric mean of the last size of one and
+the first of the next; the last run has no bound. They go under "by_size", which backends.resolve reads;
+with one winner at every size there are no ranges. Where nothing was compared (today: the CPU, where only the reference runs natively, and
 every GPU entry, since no GPU result file exists) the entry is kept as written, with "measured": null, and its
 evidence is left as it was — it must then say why the order is what it is. An op registered in
 zigspark.backends but missing from the table gets the design's order, marked PROVISIONAL.
@@ -150,9 +155,42 @@ def measured_evidence(measurement: dict, ranked: list, unmeasured: list) -> str:
     return text
 
 
-def derive(files: list[dict], current: dict, ops: list[str] | None = None) -> dict:
+def size_ranges(cases: list[dict], key: str | None, full_order: list[str]) -> dict | None:
+    """{"key", "ranges": [{"up_to", "order"}]} when the fastest backend changes along `key`, else None."""
+    sized = [c for c in cases if isinstance(c["config"].get(key), (int, float)) and not isinstance(
+        c["config"].get(key), bool)] if key else []
+    sizes = sorted({c["config"][key] for c in sized})
+    winners = [rank([c for c in sized if c["config"][key] == size])[0][0] for size in sizes]
+    runs: list[list] = []                                        # [[sizes...], ...] with one winner each
+    for size, winner, previous in zip(sizes, winners, [None, *winners]):
+        if winner != previous:
+            runs.append([])
+        runs[-1].append(size)
+    if len(runs) < 2:
+        return None
+    ranges = []
+    for i, run in enumerate(runs):
+        bound = None if i == len(runs) - 1 else round(math.sqrt(run[-1] * runs[i + 1][0]))
+        ranked = [b for b, _, _ in rank([c for c in sized if c["config"][key] in run])]
+        ranges.append({"up_to": bound, "order": ranked + [b for b in full_order if b not in ranked]})
+    return {"key": key, "ranges": ranges}
+
+
+def range_evidence(by_size: dict) -> str:
+    low = 0
+    parts = []
+    for bound in by_size["ranges"]:
+        span = f"{by_size['key']} > {low}" if bound["up_to"] is None else f"{by_size['key']} <= {bound['up_to']}"
+        parts.append(f"{span}: {bound['order'][0]} first")
+        low = bound["up_to"]
+    return "; by size: " + ", ".join(parts)
+
+
+def derive(files: list[dict], current: dict, ops: list[str] | None = None,
+           size_keys: dict[str, str] | None = None) -> dict:
     """The new table: measured entries re-derived, the others kept (see the module docstring)."""
     found = comparisons(files)
+    size_keys = registered_size_keys() if size_keys is None else size_keys
     old_ops = current.get("ops", {})
     names = list(old_ops) + [op for op in (ops or []) + sorted({op for op, _ in found}) if op not in old_ops]
     new_ops = {}
@@ -162,7 +200,7 @@ def derive(files: list[dict], current: dict, ops: list[str] | None = None) -> di
         old_measured = old.get("measured") if isinstance(old.get("measured"), dict) else {}
         devices = list(dict.fromkeys([k for k in old if isinstance(old[k], list)] + list(DESIGN_ORDER)
                                      + [d for o, d in found if o == op]))
-        entry, evidence, measured = {}, {}, {}
+        entry, evidence, measured, by_size = {}, {}, {}, {}
         for device in devices:
             order = list(old.get(device, DESIGN_ORDER.get(device, ["reference"])))
             measurement = found.get((op, device))
@@ -173,6 +211,10 @@ def derive(files: list[dict], current: dict, ops: list[str] | None = None) -> di
                 entry[device] = timed + unmeasured
                 evidence[device] = measured_evidence(measurement, ranked, unmeasured)
                 measured[device] = measurement
+                ranges = size_ranges(measurement["cases"], size_keys.get(op), order)
+                if ranges is not None:
+                    by_size[device] = ranges
+                    evidence[device] += range_evidence(ranges)
             else:
                 entry[device] = order
                 text = old_evidence.get(device)
@@ -186,6 +228,8 @@ def derive(files: list[dict], current: dict, ops: list[str] | None = None) -> di
                 measured[device] = None
         entry["evidence"] = evidence
         entry["measured"] = measured
+        if by_size:
+            entry["by_size"] = by_size
         new_ops[op] = entry
     return {"about": ABOUT, "ops": new_ops}
 
@@ -203,11 +247,20 @@ def load_files(results_dir: Path) -> list[dict]:
     return files
 
 
-def registered_ops() -> list[str]:
+def _backends():
     sys.path.insert(0, str(ROOT / "python"))
     from zigspark import backends
 
-    return backends.ops()
+    return backends
+
+
+def registered_ops() -> list[str]:
+    return _backends().ops()
+
+
+def registered_size_keys() -> dict[str, str]:
+    backends = _backends()
+    return {op: key for op in backends.ops() if (key := backends.size_key(op)) is not None}
 
 
 def dumps(table: dict) -> str:

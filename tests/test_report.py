@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import zigspark
 from zigspark import backends
 
 pytestmark = pytest.mark.cpu
@@ -140,6 +141,11 @@ def test_auto_table_derivation_picks_the_faster_backend_per_size():
     assert entry["evidence"]["cuda"].startswith("MEASURED (fwd_ms, 3 cases in stat_topk-2026-11-30.json)")
     assert "cuda fastest in 1 (d=1024)" in entry["evidence"]["cuda"]
     assert "not timed, kept after: reference" in entry["evidence"]["cuda"]
+    # cuda wins below 4096 and triton from there: two size ranges along d, cut at √(1024·4096) = 2048
+    assert entry["by_size"]["cuda"] == {"key": "d", "ranges": [
+        {"up_to": 2048, "order": ["cuda", "triton", "reference"]},
+        {"up_to": None, "order": ["triton", "cuda", "reference"]}]}
+    assert entry["evidence"]["cuda"].endswith("by size: d <= 2048: cuda first, d > 2048: triton first")
     # the baseline and the unmeasured entries are left alone
     assert entry["cpu"] == current["ops"]["stat_topk"]["cpu"] and entry["measured"]["cpu"] is None
     assert table["ops"]["selective_scan"]["cuda"] == current["ops"]["selective_scan"]["cuda"]
@@ -148,6 +154,41 @@ def test_auto_table_derivation_picks_the_faster_backend_per_size():
     assert auto_table.derive(files, table, backends.ops()) == table
     gone = auto_table.derive([], table, backends.ops())["ops"]["stat_topk"]
     assert gone["cuda"] == ["triton", "cuda", "reference"] and gone["evidence"]["cuda"].startswith("PROVISIONAL")
+
+
+def test_auto_table_size_ranges_follow_runs_of_winners():
+    cases = [{"config": {"L": size}, "times": times, "fastest": min(times, key=times.get)}
+             for size, times in [(256, {"cuda": 1, "triton": 2}), (1024, {"cuda": 1, "triton": 3}),
+                                 (4096, {"cuda": 2, "triton": 1}), (16384, {"cuda": 1, "triton": 1.5})]]
+    ranges = auto_table.size_ranges(cases, "L", ["cuda", "triton", "reference"])
+    assert [(r["up_to"], r["order"][0]) for r in ranges["ranges"]] == [(2048, "cuda"), (8192, "triton"),
+                                                                        (None, "cuda")]
+    assert all(r["order"][-1] == "reference" for r in ranges["ranges"])
+    one_winner = [dict(c, times={"cuda": 1, "triton": 2}) for c in cases]
+    assert auto_table.size_ranges(one_winner, "L", ["cuda", "triton"]) is None
+    assert auto_table.size_ranges(cases, None, ["cuda", "triton"]) is None       # op without a size key
+    unsized = [dict(c, config={"dtype": "bfloat16"}) for c in cases]
+    assert auto_table.size_ranges(unsized, "L", ["cuda", "triton"]) is None
+
+
+def test_auto_takes_the_order_of_the_size_range(monkeypatch):
+    """backend='auto' reads the range that holds the op's size (stat_topk's is the row length d)."""
+    table = {"ops": {"stat_topk": {"cpu": ["reference", "triton"], "cuda": ["cuda"], "by_size": {"cpu": {
+        "key": "d", "ranges": [{"up_to": 64, "order": ["triton", "reference"]},
+                               {"up_to": None, "order": ["reference", "triton"]}]}}}}}
+    monkeypatch.setattr(backends, "_table_cache", table)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda op, b, device, dtype=None: None)
+    cpu = torch.device("cpu")
+    assert backends.size_key("stat_topk") == "d"
+    assert [backends.resolve("stat_topk", "auto", cpu, size=d) for d in (8, 64, 65, 4096)] == \
+        ["triton", "triton", "reference", "reference"]
+    assert backends.resolve("stat_topk", "auto", cpu) == "reference"                  # no size: the plain order
+    # the op passes its size: record what stat_topk asks for
+    asked = []
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda *a, **kw: asked.append(kw.get("size")) or real(*a[:3]))
+    zigspark.stat_topk(torch.randn(2, 48), 4)
+    assert asked == [48]
 
 
 def test_auto_table_uses_the_newest_file_of_a_benchmark_and_device():

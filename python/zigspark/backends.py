@@ -7,6 +7,9 @@ Every public op takes ``backend="auto" | "cuda" | "triton" | "reference"``.
 * ``auto`` walks the preference list for the tensors' device type in ``auto_backends.json`` (written from
   benchmark results; see that file's provenance) and takes the first backend that can run; it logs once per
   (op, device type) which one it picked. :func:`last_backends` tells which backend each op last used.
+* Where the results showed a different winner at different sizes, the table also holds size ranges
+  (``by_size``: the op's size key, e.g. the sequence length, and an order per range up to a bound); an op
+  passes its size to :func:`resolve` and ``auto`` takes the order of the range that holds it.
 
 Each backend answers ``unavailable_reason(op, device, dtype)`` (None when it can run), in the spirit of
 xformers' ``not_supported_reasons``, so "why did auto not pick the GPU kernel" always has an answer.
@@ -32,14 +35,22 @@ CHOICES = ("auto", *BACKENDS)
 
 # dtypes each backend's kernels are written for, per op (ops register themselves here).
 _OP_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {}
+_SIZE_KEYS: dict[str, str] = {}
 _logged: set[tuple[str, str, str]] = set()
 _last: dict[str, str] = {}
 _table_cache: dict | None = None
 
 
-def register_op(op: str, dtypes: dict[str, tuple[torch.dtype, ...]]) -> None:
-    """Declare an op and the dtypes each of its backends supports."""
+def register_op(op: str, dtypes: dict[str, tuple[torch.dtype, ...]], size_key: str | None = None) -> None:
+    """Declare an op, the dtypes each of its backends supports, and the name of the size it passes to
+    :func:`resolve` — the field of its benchmark rows that auto_backends.json's size ranges are cut along."""
     _OP_DTYPES[op] = dtypes
+    if size_key is not None:
+        _SIZE_KEYS[op] = size_key
+
+
+def size_key(op: str) -> str | None:
+    return _SIZE_KEYS.get(op)
 
 
 def ops() -> list[str]:
@@ -101,14 +112,22 @@ def auto_table() -> dict:
     return _table_cache
 
 
-def auto_order(op: str, device: torch.device) -> list[str]:
+def auto_order(op: str, device: torch.device, size: int | None = None) -> list[str]:
+    """The preference order for `op` on this device type, for an input of `size` (the op's size key)."""
     entry = auto_table()["ops"].get(op, {})
+    by_size = (entry.get("by_size") or {}).get(device.type)
+    if by_size and size is not None:
+        for bound in by_size["ranges"]:
+            if bound["up_to"] is None or size <= bound["up_to"]:
+                return list(bound["order"])
     return list(entry.get(device.type, entry.get("default", ["reference"])))
 
 
 @torch.compiler.assume_constant_result
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that will run `op`: validates an explicit choice, or picks one for 'auto'.
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None,
+            size: int | None = None) -> str:
+    """The backend that will run `op`: validates an explicit choice, or picks one for 'auto' (by the size
+    range that holds `size`, where the table has ranges for this op and device type).
 
     Under torch.compile this runs once at trace time and its answer is a constant of the graph (the device
     and dtype it depends on are guarded by the compiled graph anyway).
@@ -122,7 +141,7 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | No
         chosen = backend
     else:
         tried = []
-        for candidate in auto_order(op, device):
+        for candidate in auto_order(op, device, size):
             reason = unavailable_reason(op, candidate, device, dtype)
             if reason is None:
                 chosen = candidate

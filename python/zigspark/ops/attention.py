@@ -25,8 +25,9 @@ from ..validation import check_float_tensor, check_same_device, last_dim_contigu
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
-backends.register_op("flash_attention", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]})
-backends.register_op("attention_received", {"reference": _DTYPES, "triton": _DTYPES[:3]})
+backends.register_op("flash_attention", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]},
+                     size_key="seqlen")
+backends.register_op("attention_received", {"reference": _DTYPES, "triton": _DTYPES[:3]}, size_key="seqlen")
 
 
 def _kernels():
@@ -141,8 +142,8 @@ def _check_qkv(q, k, v=None):
     return check_same_device(**tensors)
 
 
-def _resolve(op, backend, q):
-    chosen = backends.resolve(op, backend, q.device, q.dtype)
+def _resolve(op, backend, q, k):
+    chosen = backends.resolve(op, backend, q.device, q.dtype, size=k.shape[1])
     if chosen != "reference" and q.shape[-1] > MAX_HEAD_DIM:
         if backend != "auto":
             raise ValueError(f"head_dim {q.shape[-1]} is larger than the {chosen} kernel's {MAX_HEAD_DIM}; "
@@ -207,7 +208,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
     """
     _check_qkv(q, k, v)
     scale = _scale(q, softmax_scale)
-    chosen = _resolve("flash_attention", backend, q)
+    chosen = _resolve("flash_attention", backend, q, k)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     out, lse = torch.ops.zigspark.attention_fwd(q, k, v, bool(causal), scale, chosen)
     results = [out]
@@ -235,7 +236,7 @@ def attention_received(q, k, *, causal=False, softmax_scale=None, exclude_querie
     """
     _check_qkv(q, k)
     scale = _scale(q, softmax_scale)
-    chosen = _resolve("attention_received", backend, q)
+    chosen = _resolve("attention_received", backend, q, k)
     q, k = (last_dim_contiguous(t.detach()) for t in (q, k))
     weight = _query_weight(exclude_queries, q.shape[1], q.device)
     received = torch.ops.zigspark.attention_received(q, k, None, bool(causal), scale, weight, chosen)

@@ -20,7 +20,7 @@ from ..validation import check_float_tensor, check_same_device
 from .selective_scan import order_arguments, order_index_of
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-backends.register_op("causal_conv1d", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES})
+backends.register_op("causal_conv1d", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES}, size_key="L")
 
 
 def _kernels(backend: str):
@@ -106,7 +106,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, *, order=None, backend=
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     device = check_same_device(x=x, weight=weight, bias=bias)
     order_params, order_index = order_arguments(order, x.shape[-1], device)
-    chosen = backends.resolve("causal_conv1d", backend, device, x.dtype)
+    chosen = backends.resolve("causal_conv1d", backend, device, x.dtype, size=x.shape[-1])
     if chosen != "reference":  # the kernels index contiguous tensors
         x, weight = x.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()

@@ -25,7 +25,8 @@ _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAM_DTYPES = (torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_N = 256  # the state of a block of channels lives in registers
-backends.register_op("selective_scan", {"reference": _IO_DTYPES, "triton": _KERNEL_DTYPES, "cuda": _KERNEL_DTYPES})
+backends.register_op("selective_scan", {"reference": _IO_DTYPES, "triton": _KERNEL_DTYPES, "cuda": _KERNEL_DTYPES},
+                     size_key="L")
 
 
 def _kernels(backend: str):
@@ -224,7 +225,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     device = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     order_params, order_index = order_arguments(order, u.shape[-1], device)
-    chosen = backends.resolve("selective_scan", backend, device, u.dtype)
+    chosen = backends.resolve("selective_scan", backend, device, u.dtype, size=u.shape[-1])
     n = A.shape[1]
     if chosen != "reference" and n > KERNEL_MAX_N:
         if backend != "auto":

@@ -26,7 +26,7 @@ from ..reference import stat_topk as ref
 from ..validation import check_dim, check_float_tensor, last_dim_contiguous
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-backends.register_op("stat_topk", {"reference": _DTYPES, "triton": _DTYPES, "cuda": _DTYPES})
+backends.register_op("stat_topk", {"reference": _DTYPES, "triton": _DTYPES, "cuda": _DTYPES}, size_key="d")
 
 
 @torch.compiler.assume_constant_result
@@ -165,7 +165,7 @@ def stat_topk(x: torch.Tensor, k: int | None = None, *, density: float | None = 
         raise ValueError(f"stat_topk: dimension {dim} of x is empty (x.shape = {tuple(x.shape)}); the statistics "
                          "need at least 2 values per slice")
     z = survivor_quantile(d, k, density)
-    chosen = backends.resolve("stat_topk", backend, x.device, x.dtype)
+    chosen = backends.resolve("stat_topk", backend, x.device, x.dtype, size=d)
     moved = x.movedim(dim, -1)
     rows = last_dim_contiguous(moved.reshape(-1, d))
     y, mask, _, _ = torch.ops.zigspark.stat_topk_fwd(rows, z, bool(return_mask), chosen)
