@@ -1,8 +1,14 @@
-"""Benchmark the Spark FFN (sparse inference) against the dense gated FFN of equal parameter count.
+"""Benchmark the Spark FFN (sparse inference) against the dense gated FFN of equal parameter count, and
+(on a GPU) Spark attention against dense attention.
 
-Decode batches of 1 / 4 / 16 tokens and a prefill batch; every available zigspark backend of the sparse
-path, the dense-masked path, and the dense GEGLU baseline (SparkFFN.dense_equivalent()). The Spark
+FFN: decode batches of 1 / 4 / 16 tokens and a prefill batch; every available zigspark backend of the
+sparse path, the dense-masked path, and the dense GEGLU baseline (SparkFFN.dense_equivalent()). The Spark
 paper's 1.40× GPU decode speedup is the bar.
+
+Attention (GPU sizes only; CPU and --quick runs time the FFN alone): every available backend of
+zigspark.spark_attention, forward and forward + backward, against torch SDPA and zigspark.flash_attention
+on the same q, k, v (dense attention over all keys: what Spark attention's key selection has to beat).
+Rows carry the mean number of keys kept per query.
 
     python benchmarks/bench_spark.py [--quick]
 """
@@ -49,10 +55,64 @@ def run(device, d_model, d_ff, token_counts, dtype, progress=print) -> dict:
     return {"results": results}
 
 
+def sdpa(q, k, v, causal):
+    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            is_causal=causal).transpose(1, 2)
+
+
+def run_attention(device, configs, dtype, progress=print) -> list[dict]:
+    """Spark attention backends vs dense attention; configs are (batch, seqlen, heads, head_dim, top_k, causal)."""
+    results = []
+    for batch, seqlen, heads, head_dim, top_k, causal in configs:
+        make = lambda: tuple(torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype)  # noqa: E731
+                             for _ in range(3))
+        inputs = common.rotation(make, 3 * batch * seqlen * heads * head_dim * dtype.itemsize, device)
+        impls = {"dense torch SDPA": lambda q, k, v: sdpa(q, k, v, causal)}
+        if backends.unavailable_reason("flash_attention", "triton", device, dtype) is None:
+            impls["dense zigspark-triton flash"] = lambda q, k, v: zigspark.flash_attention(
+                q, k, v, causal=causal, backend="triton")
+        for backend in backends.BACKENDS:
+            if backends.unavailable_reason("spark_attention", backend, device, dtype) is None:
+                if backend == "reference" and seqlen > 4096:
+                    continue  # the chunked reference is the oracle, not a contender at long sequences
+                impls[f"spark attention {backend}"] = (lambda b: lambda q, k, v: zigspark.spark_attention(
+                    q, k, v, top_k, causal=causal, backend=b))(backend)
+        kept = None
+        if any(name.startswith("spark") for name in impls):
+            with torch.no_grad():
+                _, counts = zigspark.spark_attention(*inputs[0], top_k, causal=causal, return_kept=True)
+            kept = counts.double().mean().item()
+        for name, fn in impls.items():
+            row = {"batch": batch, "seqlen": seqlen, "heads": heads, "head_dim": head_dim,
+                   "top_k": top_k, "causal": causal, "dtype": str(dtype).replace("torch.", ""), "impl": name,
+                   "mean_kept": kept if name.startswith("spark") else None}
+            with torch.no_grad():
+                row["fwd_ms"] = common.time_ms(fn, inputs, device)
+
+            def fwd_bwd(q, k, v, fn=fn):
+                leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+                fn(*leaves).float().sum().backward()
+
+            row["fwd_bwd_ms"] = common.time_ms(fwd_bwd, inputs, device)
+            results.append(row)
+            progress(f"  b{batch} s{seqlen} h{heads} d{head_dim} top{top_k} {'causal' if causal else 'full':<6} "
+                     f"{name:<28} fwd {row['fwd_ms']:8.3f} ms  fwd+bwd {row['fwd_bwd_ms']:8.3f} ms")
+    return results
+
+
+def run_cuda(device) -> dict:
+    payload = run(device, 2048, 16384, [1, 4, 16, 2048], torch.bfloat16)
+    attention = [(4, 2048, 16, 64, 256, True), (2, 4096, 16, 128, 256, True), (2, 4096, 16, 128, 256, False),
+                 (1, 16384, 16, 128, 256, True)]
+    payload["results"] += run_attention(device, attention, torch.bfloat16)
+    payload["info_fields"] = ["mean_kept"]  # describes a spark row; not a case of its own (benchmarks/report.py)
+    return payload
+
+
 def main(argv=None) -> int:
     return common.cli(__doc__, "spark_ffn", {
         "quick": lambda device: run(device, 32, 128, [1, 2], torch.float32),
-        "cuda": lambda device: run(device, 2048, 16384, [1, 4, 16, 2048], torch.bfloat16),
+        "cuda": run_cuda,
         "cpu": lambda device: run(device, 512, 2048, [1, 4, 16], torch.float32),
     }, argv)
 

@@ -11,32 +11,41 @@ Spark attention, per head, with q, k split at r (predictor / remainder) and the 
     s1_ij = q_i[:r]·k_j[:r] / √r,    s2_ij = q_i[r:]·k_j[r:] / √(D − r)
     keep_ij = s1_ij > θ_i,  θ_i = mean_j s1_ij + std_j s1_ij·Φ⁻¹(1 − top_k/n_i)   (over the n_i visible keys;
               all visible keys are kept when n_i ≤ top_k)
-    w_ij = softmax_{j kept}(s1_ij) · softplus(s2_ij),    o_i = Σ_j w_ij·v_j
+    w_ij = softmax_{j kept}(s1_ij) · softplus(s2_ij),    o_i = Σ_j w_ij·v_j   (o_i = 0 if i sees no key)
 
 Choices where the paper's public description is open (configurable in zigspark.nn): the predictor scores
 are scaled by 1/√r and the gate scores by 1/√(D − r); the softplus gate multiplies the softmax weights
 without renormalising; the statistics of the top-k use the population std over the visible keys.
 
-Training runs the dense-masked computation (exact gradients, through stat_topk's backward for the FFN).
+The FFN trains on the dense-masked computation (exact gradients, through stat_topk's backward).
 Inference can run `spark_ffn(..., sparse=True)`, which computes only the active neurons: the reference
 gathers them per token; Triton (triton_kernels/spark_ffn.py) masks inactive K2 rows and Vᵀ rows out of
-its loads. A CUDA kernel and a fused Spark-attention kernel are open work (#5).
+its loads.
+
+Spark attention is registered as ``zigspark::spark_attention_fwd`` (→ out, lse of the kept predictor
+scores, θ, kept counts) and ``zigspark::spark_attention_bwd`` (→ dq, dk, dv; the mask carries no
+gradient). Backends: the reference (zigspark/reference/spark_attention.py: chunked PyTorch with a
+closed-form backward) and fused Triton kernels (triton_kernels/spark_attention.py: a θ statistics pass, a
+forward that skips key tiles in which no key is selected, and a FlashAttention-2-style backward that
+skips the same tiles). CUDA kernels for both Spark layers are open work (#5).
 """
 
 from __future__ import annotations
 
-import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ..validation import check_float_tensor, check_same_device
+from ..reference import spark_attention as ref_attn
+from ..validation import check_float_tensor, check_int, check_same_device, last_dim_contiguous
 from .stat_topk import stat_topk
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_HEAD_DIM = 256  # the Triton kernels' widest tile
 backends.register_op("spark_ffn", {"reference": _DTYPES, "triton": _DTYPES[:3]})
-backends.register_op("spark_attention", {"reference": _DTYPES})
+backends.register_op("spark_attention", {"reference": _DTYPES, "triton": _DTYPES[:3]})
 
 
 def _check_ffn(x, K1, K2, V, density):
@@ -92,13 +101,73 @@ def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, ba
     return (out, mask) if return_mask else out
 
 
-def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, chunk=1024, return_kept=False,
-                    backend="auto"):
-    """Spark attention (formula in the module docstring). q, k, v: (batch, seqlen, heads, head_dim).
 
-    predictor_dim r defaults to head_dim // 4. Returns (batch, seqlen_q, heads, head_dim) [and the number
-    of keys kept per query, (batch, heads, seqlen_q)]. The reference processes `chunk` queries at a time.
-    """
+
+# ---- Spark attention: custom ops -----------------------------------------------------------------------
+
+def _attn_kernels():
+    from ..triton_kernels import spark_attention as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("zigspark::spark_attention_fwd", mutates_args=())
+def spark_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, r: int, causal: bool,
+                        chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out (B, S_q, H, D) in q's dtype, lse and θ (B, H, S_q) float32 (float64 for float64 inputs),
+    kept (B, H, S_q) int64)."""
+    if backend == "triton":
+        return _attn_kernels().spark_attention_fwd(q, k, v, top_k, r, causal)
+    with torch.no_grad():
+        out, lse, theta, kept = ref_attn.spark_attention_forward(q, k, v, top_k, r, causal, chunk)
+    return torch.empty_like(q).copy_(out), lse.contiguous(), theta.contiguous(), kept.contiguous()
+
+
+@spark_attention_fwd.register_fake
+def _(q, k, v, top_k, r, causal, chunk, backend):
+    batch, seqlen_q, heads, _ = q.shape
+    stats = q.new_empty((batch, heads, seqlen_q), dtype=ref_attn.compute_dtype(q.dtype))
+    return torch.empty_like(q), stats, torch.empty_like(stats), q.new_empty((batch, heads, seqlen_q),
+                                                                             dtype=torch.int64)
+
+
+@torch.library.custom_op("zigspark::spark_attention_bwd", mutates_args=())
+def spark_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, theta: torch.Tensor, r: int, causal: bool, chunk: int, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv) in the inputs' dtypes, from the forward's out (for Δ = dO·out), lse and θ."""
+    if backend == "triton":
+        return _attn_kernels().spark_attention_bwd(dout, q, k, v, out, lse, theta, r, causal)
+    grads = ref_attn.spark_attention_backward(dout, q, k, v, out, lse, theta, r, causal, chunk)
+    return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+
+
+@spark_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, theta, r, causal, chunk, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, top_k, r, causal, chunk, backend = inputs
+    out, lse, theta, kept = output
+    ctx.save_for_backward(q, k, v, out, lse, theta)
+    ctx.r, ctx.causal, ctx.chunk, ctx.backend = r, causal, chunk, backend
+    ctx.mark_non_differentiable(lse, theta, kept)
+
+
+def _attn_backward(ctx, dout, dlse, dtheta, dkept):
+    q, k, v, out, lse, theta = ctx.saved_tensors
+    dout = last_dim_contiguous(dout.to(out.dtype))
+    dq, dk, dv = spark_attention_bwd(dout, q, k, v, out, lse, theta, ctx.r, ctx.causal, ctx.chunk, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+spark_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+# ---- Spark attention: public API -----------------------------------------------------------------------
+
+def _check_attention(q, k, v, top_k, predictor_dim, chunk):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t, _DTYPES)
         if t.dim() != 4:
@@ -106,37 +175,59 @@ def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, chun
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, "
                          "heads and head_dim (and k, v in every dimension)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; "
+                        "convert them with .to(q.dtype)")
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}; every dimension must be ≥ 1")
     head_dim = q.shape[-1]
     r = head_dim // 4 if predictor_dim is None else predictor_dim
-    if not 0 < r < head_dim:
-        raise ValueError(f"predictor_dim r = {r} must satisfy 0 < r < head_dim = {head_dim}")
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 < r < head_dim:
+        raise ValueError(f"predictor_dim r = {r!r} must satisfy 0 < r < head_dim = {head_dim} (an int; "
+                         f"the default is head_dim // 4 = {head_dim // 4})")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    device = check_same_device(q=q, k=k, v=v)
-    backends.resolve("spark_attention", backend, device, q.dtype)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qh, kh, vh = (t.transpose(1, 2).to(acc) for t in (q, k, v))          # (B, H, S, D)
-    seqlen_q, seqlen_k = qh.shape[2], kh.shape[2]
-    outs, kept_counts = [], []
-    for i0 in range(0, seqlen_q, chunk):
-        i1 = min(seqlen_q, i0 + chunk)
-        s1 = qh[:, :, i0:i1, :r] @ kh[:, :, :, :r].transpose(-1, -2) / math.sqrt(r)
-        s2 = qh[:, :, i0:i1, r:] @ kh[:, :, :, r:].transpose(-1, -2) / math.sqrt(head_dim - r)
-        visible = torch.ones(i1 - i0, seqlen_k, dtype=torch.bool, device=q.device)
-        if causal:
-            i = torch.arange(i0, i1, device=q.device)[:, None]
-            visible = torch.arange(seqlen_k, device=q.device)[None, :] <= i + (seqlen_k - seqlen_q)
-        n_visible = visible.sum(-1).to(acc)                               # (c,)
-        vis_f = visible.to(acc)
-        mean = (s1 * vis_f).sum(-1, keepdim=True) / n_visible.clamp_min(1)[:, None]
-        var = (((s1 - mean) * vis_f) ** 2).sum(-1, keepdim=True) / n_visible.clamp_min(1)[:, None]
-        frac = (top_k / n_visible.clamp_min(1)).clamp(max=1.0)
-        z = torch.special.ndtri((1 - frac).clamp(min=1e-12))[:, None]     # −inf where every key is kept
-        theta = torch.where((n_visible > top_k)[:, None], mean + z * var.sqrt(), torch.full_like(mean, -math.inf))
-        keep = visible & (s1 > theta)
-        logits = s1.masked_fill(~keep, float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * F.softplus(s2)
-        outs.append(weights @ vh)
-        kept_counts.append(keep.sum(-1))
-    out = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
-    return (out, torch.cat(kept_counts, dim=2)) if return_kept else out
+    check_int("chunk", chunk, 1)
+    return check_same_device(q=q, k=k, v=v), r
+
+
+def _resolve_attention(backend, device, q):
+    chosen = backends.resolve("spark_attention", backend, device, q.dtype)
+    if chosen != "reference" and q.shape[-1] > MAX_HEAD_DIM:
+        if backend != "auto":
+            raise ValueError(f"head_dim {q.shape[-1]} is larger than the {chosen} kernel's {MAX_HEAD_DIM}; "
+                             "use backend='reference'")
+        chosen = "reference"
+        backends.record("spark_attention", chosen)
+    return chosen
+
+
+def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, chunk=1024, return_kept=False,
+                    backend="auto"):
+    """Spark attention (formula in the module docstring): each query attends to the keys whose predictor
+    score beats its statistical top-k threshold, with softmax weights gated by softplus of the rest.
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, heads, head_dim); one dtype
+            (float16, bfloat16, float32; float64 on the reference backend).
+        top_k: keys meant to survive per query (exactly all visible keys when a query sees ≤ top_k).
+        predictor_dim: r, the leading dims of q and k that select keys; default head_dim // 4.
+        causal: bottom-right aligned causal mask (query i sees keys j ≤ i + seqlen_k − seqlen_q).
+        chunk: queries per step of the reference (memory O(chunk·seqlen_k) per head); kernels ignore it.
+        return_kept: also return the number of keys each query kept, (batch, heads, seqlen_q) int64.
+    Returns:
+        out (batch, seqlen_q, heads, head_dim) in q's dtype [, kept]. Differentiable in q, k and v.
+
+    Example:
+        >>> import torch, zigspark
+        >>> q = k = v = torch.randn(1, 300, 2, 64)
+        >>> out, kept = zigspark.spark_attention(q, k, v, top_k=32, causal=False, return_kept=True)
+        >>> out.shape, kept.shape
+        (torch.Size([1, 300, 2, 64]), torch.Size([1, 2, 300]))
+    """
+    device, r = _check_attention(q, k, v, top_k, predictor_dim, chunk)
+    chosen = _resolve_attention(backend, device, q)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    out, _, _, kept = torch.ops.zigspark.spark_attention_fwd(q, k, v, int(top_k), int(r), bool(causal), int(chunk),
+                                                            chosen)
+    return (out, kept) if return_kept else out

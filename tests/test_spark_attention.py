@@ -1,0 +1,342 @@
+"""zigspark.spark_attention: the custom-op reference against a naive per-query oracle (forward, closed-form
+backward, gradcheck, opcheck, bad inputs) in the cpu tier; the Triton kernels by the numerics rule in the
+interpret tier (tiny shapes) and the gpu tier (real sizes), including the skip of key tiles nobody keeps.
+
+The mask keep = s1 > θ is discontinuous, so a precision rule needs care at ties: where the kernel and the
+reference in the same dtype disagree on a query's kept count (a score within rounding of θ, computed in a
+different order), that query's row is left out of the output comparison and its dO is zeroed for the
+gradients (every gradient term of query i is proportional to dO_i), and the number of such rows is bounded.
+"""
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zigspark
+from zigspark.nn import SparkAttention
+
+from numerics import assert_by_rule, max_abs_err
+
+cpu = pytest.mark.cpu
+
+
+def naive_spark_attention(q, k, v, top_k, r, causal):
+    """Oracle of the oracle: one query at a time, float64, straight from the formula. Differentiable.
+    -> (out, lse, θ, kept)."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    rows = []
+    lse = torch.full((batch, heads, seqlen_q), -math.inf, dtype=torch.float64)
+    theta = torch.full((batch, heads, seqlen_q), -math.inf, dtype=torch.float64)
+    kept = torch.zeros(batch, heads, seqlen_q, dtype=torch.long)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(seqlen_q):
+                n = min(max(i + seqlen_k - seqlen_q + 1, 0), seqlen_k) if causal else seqlen_k
+                if n == 0:
+                    rows.append(torch.zeros(head_dim, dtype=torch.float64))
+                    continue
+                qi, ks, vs = q[b, i, h].double(), k[b, :n, h].double(), v[b, :n, h].double()
+                s1 = ks[:, :r] @ qi[:r] / math.sqrt(r)
+                s2 = ks[:, r:] @ qi[r:] / math.sqrt(head_dim - r)
+                if n > top_k:
+                    th = s1.mean() + s1.std(unbiased=False) * statistics.NormalDist().inv_cdf(1 - top_k / n)
+                    keep = s1 > th
+                    theta[b, h, i] = th.detach()
+                else:
+                    keep = torch.ones(n, dtype=torch.bool)
+                w = torch.softmax(s1.masked_fill(~keep, -math.inf), 0) * F.softplus(s2)
+                rows.append(w @ vs)
+                lse[b, h, i] = torch.logsumexp(s1[keep], 0).detach()
+                kept[b, h, i] = keep.sum()
+    out = torch.stack(rows).reshape(batch, heads, seqlen_q, head_dim).transpose(1, 2)
+    return out, lse, theta, kept
+
+
+def finite(t):
+    return t.masked_fill(torch.isinf(t), 0.0)
+
+
+def fwd_op(q, k, v, top_k, r, causal, backend, chunk=1024):
+    return torch.ops.zigspark.spark_attention_fwd(q, k, v, top_k, r, causal, chunk, backend)
+
+
+CPU_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, causal
+    (1, 13, 13, 2, 16, 4, 3, False),
+    (2, 9, 20, 2, 12, 5, 4, True),       # seqlen_q < seqlen_k, odd r
+    (1, 20, 9, 2, 16, 4, 2, True),       # seqlen_q > seqlen_k: the first queries see no key
+    (1, 1, 7, 1, 8, 1, 2, False),        # one query, r = 1
+    (1, 11, 11, 1, 16, 15, 30, True),    # top_k above every n_i: dense; r = D − 1
+]
+
+
+def inputs(case, dtype=torch.float64, seed=0, requires_grad=False):
+    b, sq, sk, h, d = case[:5]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+            for s in (sq, sk, sk)]
+
+
+@cpu
+@pytest.mark.parametrize("case", CPU_CASES, ids=str)
+def test_reference_op_matches_naive(case):
+    *_, r, top_k, causal = case
+    q, k, v = inputs(case)
+    out, lse, theta, kept = fwd_op(q, k, v, top_k, r, causal, "reference", chunk=4)
+    n_out, n_lse, n_theta, n_kept = naive_spark_attention(q, k, v, top_k, r, causal)
+    assert max_abs_err(out, n_out) < 1e-12
+    assert torch.equal(kept, n_kept)
+    for name, a, e in (("lse", lse, n_lse), ("theta", theta, n_theta)):
+        assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{name}: −∞ pattern differs"
+        assert max_abs_err(finite(a), finite(e)) < 1e-12, name
+    public, public_kept = zigspark.spark_attention(q, k, v, top_k, r, causal=causal, chunk=4, return_kept=True)
+    assert torch.equal(public, out) and torch.equal(public_kept, kept)
+
+
+@cpu
+@pytest.mark.parametrize("case", CPU_CASES, ids=str)
+def test_reference_backward_matches_autograd_of_naive(case):
+    *_, r, top_k, causal = case
+    q, k, v = inputs(case, requires_grad=True)
+    out = zigspark.spark_attention(q, k, v, top_k, r, causal=causal, chunk=4, backend="reference")
+    g = torch.randn_like(out)
+    closed = torch.autograd.grad(out, (q, k, v), g)
+    auto = torch.autograd.grad(naive_spark_attention(q, k, v, top_k, r, causal)[0], (q, k, v), g)
+    for name, c, a in zip("qkv", closed, auto):
+        assert max_abs_err(c, a) < 1e-10, f"d{name}"
+
+
+@cpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_float64(causal):
+    q, k, v = inputs((1, 6, 7, 2, 8), requires_grad=True, seed=3)
+    assert torch.autograd.gradcheck(
+        lambda *t: zigspark.spark_attention(*t, top_k=2, predictor_dim=3, causal=causal, chunk=4), (q, k, v))
+
+
+@cpu
+def test_opcheck_and_compile():
+    q, k, v = inputs((1, 5, 6, 2, 8), dtype=torch.float32, seed=1)
+    args = (q, k, v, 2, 3, True, 4, "reference")
+    torch.library.opcheck(torch.ops.zigspark.spark_attention_fwd.default, args)
+    out, lse, theta, _ = torch.ops.zigspark.spark_attention_fwd(*args)
+    torch.library.opcheck(torch.ops.zigspark.spark_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, theta, 3, True, 4, "reference"))
+    fn = lambda t: zigspark.spark_attention(t, t, t, top_k=3, causal=True)  # noqa: E731
+    x = torch.randn(1, 9, 2, 16)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), fn(x))
+
+
+@cpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_top_k_at_least_seqlen_is_dense(causal):
+    q, k, v = inputs((1, 10, 12, 2, 16), seed=2)
+    out, kept = zigspark.spark_attention(q, k, v, top_k=12, predictor_dim=4, causal=causal, return_kept=True)
+    n = torch.arange(10) + 3 if causal else torch.full((10,), 12)
+    assert torch.equal(kept, n.expand(1, 2, 10))  # every visible key kept
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    s1 = qh[..., :4] @ kh[..., :4].transpose(-1, -2) / 2
+    s2 = qh[..., 4:] @ kh[..., 4:].transpose(-1, -2) / math.sqrt(12)
+    if causal:
+        s1 = s1.masked_fill(torch.ones(10, 12, dtype=torch.bool).triu(3), -math.inf)
+    dense = (torch.softmax(s1, -1) * F.softplus(s2)) @ vh
+    assert max_abs_err(out, dense.transpose(1, 2)) < 1e-12
+
+
+@cpu
+def test_bad_inputs():
+    q = torch.randn(2, 5, 2, 16)
+    cases = [
+        (dict(predictor_dim=16), ValueError, r"predictor_dim r = 16 must satisfy 0 < r < head_dim = 16"),
+        (dict(predictor_dim=0), ValueError, r"predictor_dim r = 0"),
+        (dict(predictor_dim=2.5), ValueError, r"predictor_dim r = 2.5"),
+        (dict(top_k=0), ValueError, "top_k must be a positive int, got 0"),
+        (dict(top_k=-3), ValueError, "top_k must be a positive int"),
+        (dict(top_k=True), ValueError, "top_k must be a positive int"),
+        (dict(k=q[:, :, :1]), ValueError, "must agree in batch, heads and head_dim"),
+        (dict(k=q[..., :8], v=q[..., :8]), ValueError, "must agree"),
+        (dict(v=q[:, :4]), ValueError, "must agree"),
+        (dict(k=q[:1], v=q[:1]), ValueError, "must agree"),
+        (dict(q=q[0]), ValueError, r"q must be \(batch, seqlen, heads, head_dim\)"),
+        (dict(v=q.double()), TypeError, "share one dtype"),
+        (dict(q=q.long()), TypeError, "q must have a floating dtype"),
+        (dict(q=q[:, :0]), ValueError, "empty attention"),
+        (dict(chunk=0), ValueError, "chunk must be >= 1"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+    ]
+    for override, exc, match in cases:
+        args = {"q": q, "k": q, "v": q, "top_k": 4, **override}
+        with pytest.raises(exc, match=match):
+            zigspark.spark_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    if not zigspark.backends.triton_interpreting():
+        with pytest.raises(zigspark.BackendUnavailableError, match="backend='triton' cannot run here"):
+            zigspark.spark_attention(q, q, q, 4, backend="triton")
+    with pytest.raises(zigspark.BackendUnavailableError, match="no cuda backend"):
+        zigspark.spark_attention(q, q, q, 4, backend="cuda")
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------
+
+def tie_rows_allowed(rows: int) -> int:
+    """A handful of queries may keep one key more or fewer than the reference in the same dtype: those whose
+    θ lands within rounding of a score (the kernel sums s1 and θ in another order than PyTorch)."""
+    return 2 + rows // 1000
+
+
+def check_spark_backend(device, dtype, case, rel_floor=0.0):
+    """Kernel vs the reference in float64 by the numerics rule: out, θ, lse, dq, dk, dv; kept counts vs the
+    reference run from the same low-precision inputs."""
+    b, sq, sk, h, d, r, top_k, causal = case
+    torch.manual_seed(sq * 131 + sk * 7 + d)
+    q64, k64, v64, g64 = (torch.randn(b, s, h, d, dtype=torch.float64, device=device) for s in (sq, sk, sk, sq))
+
+    def forward(dt, backend):
+        leaves = [t.to(dt).requires_grad_(True) for t in (q64, k64, v64)]
+        return leaves, fwd_op(*leaves, top_k, r, causal, backend)
+
+    kernel, ref64, reflow = forward(dtype, "triton"), forward(torch.float64, "reference"), forward(dtype, "reference")
+    k_kept, lo_kept = kernel[1][3], reflow[1][3]
+    tie = k_kept != lo_kept                                                          # (B, H, S_q)
+    assert tie.sum().item() <= tie_rows_allowed(tie.numel()), \
+        f"kept counts differ from the {dtype} reference in {tie.sum().item()} of {tie.numel()} queries"
+    assert ((k_kept - lo_kept).abs() <= 1).all(), "a kept count differs by more than one key"
+    assert torch.equal(torch.isinf(kernel[1][1]), torch.isinf(ref64[1][1])), "queries without keys differ"
+    keep_row = ~tie.transpose(1, 2)[..., None]                                       # (B, S_q, H, 1)
+    dout = g64 * keep_row
+    results = []
+    for leaves, (out, lse, theta, _) in (kernel, ref64, reflow):
+        grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+        results.append([(out * keep_row).detach(), finite(lse.masked_fill(tie, 0.0)), finite(theta), *grads])
+    for name, a, r64, rlo in zip(["out", "lse", "theta", "dq", "dk", "dv"], *results):
+        assert_by_rule(a, r64, rlo, factor=3 if name.startswith("d") else 2, what=f"triton {name}",
+                       rel_floor=rel_floor)
+    return tie.sum().item()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16×16 tiles in every pass, so that tiny interpreter shapes still loop over several key and query
+    blocks (the online softmax, Chan's merge, the causal bounds of each pass)."""
+    from zigspark.triton_kernels import spark_attention as kernels
+
+    monkeypatch.setattr(kernels, "_TILES", {key: {phase: (16, 16, 4) for phase in phases}
+                                            for key, phases in kernels._TILES.items()})
+
+
+INTERPRET_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, causal
+    (1, 17, 17, 2, 16, 4, 5, False),
+    (1, 9, 23, 2, 40, 10, 4, True),      # seqlen_q < seqlen_k; D = 40, r = 10: both parts padded
+    (1, 23, 9, 2, 16, 3, 3, True),       # seqlen_q > seqlen_k: queries without keys
+    (1, 1, 7, 2, 16, 4, 2, False),       # one query
+    (1, 1, 1, 1, 16, 5, 1, True),        # seqlen 1
+    (2, 40, 40, 1, 40, 10, 6, True),
+    (1, 40, 33, 1, 16, 1, 50, False),    # top_k above the seqlen: dense; r = 1
+    (1, 33, 40, 1, 40, 39, 8, False),    # r = D − 1
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=str)
+def test_triton_matches_reference(triton_device, dtype, case):
+    check_spark_backend(triton_device, dtype, case)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [INTERPRET_CASES[i] for i in (0, 1, 2, 5)], ids=str)
+def test_triton_matches_reference_small_tiles(triton_device, small_tiles, dtype, case):
+    check_spark_backend(triton_device, dtype, case)
+
+
+def cold_block_inputs(device, seqlen, cold, r, head_dim=16, heads=2):
+    """Inputs in which no query keeps any key of `cold` (a range of whole key tiles): all q[:, :, :, 0] are
+    large and positive, those keys' k[..., 0] large and negative, so their s1 lies far below every θ."""
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(1, seqlen, heads, head_dim, dtype=torch.float64, device=device) for _ in range(3))
+    q[..., 0] = 3.0 + 0.1 * q[..., 0]
+    k[:, cold, :, 0] = -3.0 + 0.1 * k[:, cold, :, 0]
+    return q, k, v
+
+
+def check_cold_tiles_skipped(device, dtype, seqlen, cold, r, top_k, causal):
+    """Poison K[r:] and V of the cold keys with NaN: a kernel that read them for a tile nobody keeps would
+    produce NaN (0·NaN = NaN). The result must equal the clean run bit for bit, and the reference."""
+    q64, k64, v64 = cold_block_inputs(device, seqlen, cold, r)
+    _, _, theta, _ = fwd_op(q64, k64, v64, top_k, r, causal, "reference")
+    s1 = torch.einsum("bihd,bjhd->bhij", q64[..., :r], k64[..., :r]) / math.sqrt(r)
+    visible = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device)
+    if causal:
+        visible = visible.tril()
+    below = (s1 < theta[..., None]) | ~visible
+    assert below[..., cold].all(), "construction: some query would keep a cold key"
+    poisoned_k, poisoned_v = k64.clone(), v64.clone()
+    poisoned_k[:, cold, :, r:] = float("nan")
+    poisoned_v[:, cold] = float("nan")
+    g = torch.randn_like(q64)
+
+    def run(k, v):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (q64, k, v)]
+        out, kept = zigspark.spark_attention(*leaves, top_k, r, causal=causal, return_kept=True, backend="triton")
+        return [out, kept, *torch.autograd.grad(out, leaves, g.to(dtype))]
+
+    clean, poisoned = run(k64, v64), run(poisoned_k, poisoned_v)
+    for name, a, c in zip(["out", "kept", "dq", "dk", "dv"], poisoned, clean):
+        assert torch.equal(a, c), f"{name} changed when skipped tiles were poisoned"
+    assert (clean[3][:, cold] == 0).all() and (clean[4][:, cold] == 0).all(), "cold keys got a gradient"
+    ref = zigspark.spark_attention(q64, k64, v64, top_k, r, causal=causal, backend="reference")
+    assert_by_rule(clean[0], ref, zigspark.spark_attention(q64.to(dtype), k64.to(dtype), v64.to(dtype), top_k, r,
+                                                           causal=causal, backend="reference"), what="out")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_skips_tiles_nobody_keeps(triton_device, small_tiles, causal):
+    check_cold_tiles_skipped(triton_device, torch.float32, 48, slice(16, 32), 4, 4, causal)
+
+
+@pytest.mark.interpret
+def test_triton_module_and_head_dim_limit(triton_device):
+    torch.manual_seed(5)
+    layer = SparkAttention(32, heads=2, head_dim=16, top_k=4, backend="triton").to(triton_device)
+    twin = SparkAttention(32, heads=2, head_dim=16, top_k=4, backend="reference").to(triton_device)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 12, 32, device=triton_device, requires_grad=True)
+    y, y_ref = layer(x), twin(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+    wide = torch.randn(1, 3, 1, 272, device=triton_device)
+    with pytest.raises(ValueError, match="head_dim 272 is larger than the triton kernel's 256"):
+        zigspark.spark_attention(wide, wide, wide, 2, backend="triton")
+    assert zigspark.spark_attention(wide, wide, wide, 2).shape == wide.shape  # auto: the reference runs
+
+
+GPU_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, causal
+    (2, 1, 1, 2, 64, 16, 4, False),
+    (2, 17, 17, 4, 40, 10, 4, True),
+    (2, 1000, 1000, 4, 64, 16, 64, True),
+    (1, 1000, 777, 4, 128, 32, 100, False),
+    (1, 300, 1000, 4, 128, 37, 32, True),
+    (1, 1000, 300, 2, 256, 64, 16, True),
+    (1, 4096, 4096, 2, 128, 32, 256, True),
+    (1, 4096, 4096, 1, 64, 16, 5000, False),   # top_k above the seqlen: dense
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_triton_matches_reference(dtype, case):
+    check_spark_backend(torch.device("cuda"), dtype, case, rel_floor=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)  # fp32: the interpret tier
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_triton_skips_tiles_nobody_keeps(dtype, causal):
+    check_cold_tiles_skipped(torch.device("cuda"), dtype, 256, slice(64, 128), 4, 8, causal)

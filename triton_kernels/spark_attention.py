@@ -1,0 +1,449 @@
+"""Spark attention (Spark Transformer, arXiv 2506.06644), fused Triton forward and backward.
+
+Layout (batch, seqlen, heads, head_dim), last dimension contiguous. Per head, q and k split at r (the
+predictor dims) and the rest e = D − r; a = 1/√r, c = 1/√e; key j is visible to query i when
+j ≤ i + S_k − S_q (causal, bottom-right aligned) or always (non-causal); n_i keys are visible.
+
+    s1_ij = a·q_i[:r]·k_j[:r]                  s2_ij = c·q_i[r:]·k_j[r:]
+    θ_i   = μ_i + σ_i·z_i,  z_i = Φ⁻¹(1 − top_k/n_i)   (μ, σ: mean and population std of s1 over the
+            visible keys; z_i = −∞ when n_i ≤ top_k, so θ_i = −∞ and every visible key is kept)
+    keep  = visible ∧ s1 > θ,   P = softmax over kept keys of s1,   g = softplus(s2),   W = P ⊙ g
+    o_i   = Σ_j W_ij·v_j,   lse_i = log Σ_{j kept} e^{s1_ij}
+
+Backward (θ gets no gradient: the mask is piecewise constant). With dpv_ij = dO_i·v_j and
+Δ_i = Σ_j W_ij·dpv_ij = dO_i·o_i:
+
+    dV = Wᵀ·dO
+    ∂W_ij/∂s2_ij = P_ij·sigmoid(s2_ij)              → ds2 = P ⊙ dpv ⊙ sigmoid(s2)
+    dP = g ⊙ dpv, softmax Jacobian P(dP − Σ P·dP)   → ds1 = P ⊙ (g ⊙ dpv − Δ)       (Σ_j P g dpv = Δ)
+    dq[:r] = a·ds1·k[:r],  dq[r:] = c·ds2·k[r:],  dk[:r] = a·ds1ᵀ·q[:r],  dk[r:] = c·ds2ᵀ·q[r:]
+
+Kernels (one program per (query or key block, batch·head)):
+
+  _stats      θ per query: s1 tiles over the visible key blocks (only the r predictor dims are read);
+              each tile's count, mean and M2 = Σ(s1 − mean)² are merged with Chan's parallel formula,
+              which stays accurate where a raw Σs1² − n·μ² would cancel. z comes precomputed (host).
+  _fwd        per query block: s1 and the mask for each visible key block; a tile with no kept key is
+              skipped before s2 or V are touched (the kernel reads K[r:] and V only where something is
+              selected). Otherwise an online softmax over the kept s1 (running max m and sum l, as in
+              flash attention), acc += (p ⊙ softplus(s2))·V. Writes o = acc/l, lse = m + log l, kept.
+  _delta      Δ_i = dO_i·o_i from the stored o (rounded to the output dtype, as in flash attention).
+  _bwd_dkdv   per key block, loop over query blocks: recompute s1, mask, P = e^{s1 − lse}, s2; a tile with
+              no kept pair is skipped before q[r:] and dO are loaded.
+  _bwd_dq     per query block, loop over key blocks: the same recomputation; an empty tile is skipped
+              before K[r:] and V are loaded.
+
+Tiles: the predictor part is padded to BLOCK_R = max(16, 2^⌈log2 r⌉) and the rest to BLOCK_E, with masked
+zero loads, so any r in 1..D−1 and any D up to 256 works and s1 costs r, not D, multiply-adds per pair.
+Half-precision inputs feed tl.dot directly with fp32 accumulation; fp32 inputs use IEEE dot products
+(not TF32: the mask compares s1 against θ, and TF32's 10-bit mantissa would flip many of them). Each pass
+has its own tile sizes (_TILES, sized so that ptxas does not spill); a query that sees no key gets
+o = 0, lse = −∞, kept = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import new_output, new_output_like
+
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global, so jit code may read it
+
+
+# ---- small pieces shared by every kernel -----------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _tile(base, rows, row_stride, n_rows, col0, cols, n_cols):
+    """base[rows, col0 + cols] as a (rows, cols) tile, zero where row ≥ n_rows or col ≥ n_cols."""
+    return tl.load(base + rows[:, None] * row_stride + col0 + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _tile_t(base, rows, row_stride, n_rows, col0, cols, n_cols):
+    """The same block loaded transposed, (cols, rows): the kᵀ operand of q·kᵀ."""
+    return tl.load(base + rows[None, :] * row_stride + col0 + cols[:, None],
+                   mask=(rows[None, :] < n_rows) & (cols[:, None] < n_cols), other=0.0)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
+    ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+    return ok
+
+
+@triton.jit
+def _last_key(pid_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One past the last key any query of block pid_m sees."""
+    if CAUSAL:
+        return tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + (seqlen_k - seqlen_q))
+    else:
+        return seqlen_k
+
+
+@triton.jit
+def _predictor(q1, k1t, theta, offs_m, offs_n, seqlen_q, seqlen_k, scale1,
+               CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """s1 (natural units, as θ is) and the mask of one tile. Every pass does the same arithmetic here (one
+    dot over the padded r dims, then the scale), so the backward recomputes the forward's mask; different
+    tile shapes could at most round a score differently in its last bit (a flip only within an ulp of θ)."""
+    s1 = _dot(q1, k1t, IEEE) * scale1
+    keep = _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL) & (s1 > theta[:, None])
+    return s1, keep
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|}), with log1p(t) = log(u)·t/(u − 1), u = 1 + t (exact to a
+    few ulp even where u rounds: a plain log(1 + t) loses every digit of t below 2⁻²⁴)."""
+    t = tl.exp(-tl.abs(x))
+    u = 1.0 + t
+    log1p = tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(x, 0.0) + log1p
+
+
+# ---- θ: mean and std of s1 over the visible keys, merged tile by tile --------------------------------------
+
+@triton.jit
+def _stats_kernel(
+    Q, K, Z, THETA,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
+    seqlen_q, seqlen_k, heads, r, scale1,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    k_base = K + b * sk_b + h * sk_h
+    q1 = _tile(Q + b * sq_b + h * sq_h, offs_m, sq_s, seqlen_q, 0, offs_r, r)
+    count = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, _last_key(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s1 = _dot(q1, _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r), IEEE) * scale1
+        vis = _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL)
+        n_t = tl.sum(vis.to(tl.float32), axis=1)
+        mean_t = tl.sum(tl.where(vis, s1, 0.0), axis=1) / tl.maximum(n_t, 1.0)
+        dev = tl.where(vis, s1 - mean_t[:, None], 0.0)
+        # Chan et al.: n = n_a + n_b, δ = μ_b − μ_a, μ = μ_a + δ·n_b/n, M2 = M2_a + M2_b + δ²·n_a·n_b/n
+        n_new = count + n_t
+        delta = mean_t - mean
+        frac = n_t / tl.maximum(n_new, 1.0)
+        mean = mean + delta * frac
+        m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * count * frac
+        count = n_new
+    m_ok = offs_m < seqlen_q
+    z = tl.load(Z + offs_m, mask=m_ok, other=float("-inf"))
+    std = tl.sqrt(m2 / tl.maximum(count, 1.0))
+    dense = z == float("-inf")                      # n_i ≤ top_k: keep every visible key
+    theta = tl.where(dense, float("-inf"), mean + std * tl.where(dense, 0.0, z))
+    tl.store(THETA + bh * seqlen_q + offs_m, theta, mask=m_ok)
+
+
+# ---- forward ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, THETA, O, LSE, KEPT,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
+    seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    rest = head_dim - r
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seqlen_q
+    q_base = Q + b * sq_b + h * sq_h
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    q1 = _tile(q_base, offs_m, sq_s, seqlen_q, 0, offs_r, r)
+    q2 = _tile(q_base, offs_m, sq_s, seqlen_q, r, offs_e, rest)
+    theta = tl.load(THETA + bh * seqlen_q + offs_m, mask=m_ok, other=float("inf"))
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kept = tl.zeros([BLOCK_M], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, _last_key(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s1, keep = _predictor(q1, _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r), theta,
+                              offs_m, offs_n, seqlen_q, seqlen_k, scale1, CAUSAL, IEEE)
+        kept_t = tl.sum(keep.to(tl.int32), axis=1)
+        kept += kept_t
+        if tl.sum(kept_t, axis=0) > 0:  # the selection: a tile nobody keeps never reads K[r:] or V
+            s2 = _dot(q2, _tile_t(k_base, offs_n, sk_s, seqlen_k, r, offs_e, rest), IEEE) * scale2
+            m_new = tl.maximum(m_i, tl.max(tl.where(keep, s1, float("-inf")), axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # rows that have kept nothing yet
+            p = tl.where(keep, tl.exp2((s1 - m_safe[:, None]) * LOG2E), 0.0)
+            alpha = tl.exp2((m_i - m_safe) * LOG2E)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _tile(v_base, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim)
+            acc = acc * alpha[:, None] + _dot((p * _softplus(s2)).to(v.dtype), v, IEEE)
+            m_i = m_new
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    lse = tl.where(has_key, m_i + tl.log(l_safe), float("-inf"))
+    tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=m_ok)
+    tl.store(KEPT + bh * seqlen_q + offs_m, kept.to(tl.int64), mask=m_ok)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d[None, :] < head_dim))
+
+
+# ---- backward --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, seqlen_q, heads, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Δ_i = dO_i·o_i, in fp32 from the stored o (flash attention's preprocessing)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _tile(O + b * so_b + h * so_h, offs_m, so_s, seqlen_q, 0, offs_d, head_dim)
+    do = _tile(DO + b * sdo_b + h * sdo_h, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _score_grads(s1, keep, s2, lse, delta, dpv):
+    """From a tile's scores: W = P ⊙ g (for dV), ds1 and ds2 (formula at the top of the file)."""
+    p = tl.where(keep, tl.exp2((s1 - lse[:, None]) * LOG2E), 0.0)   # lse is finite wherever keep holds
+    g = _softplus(s2)
+    ds2 = p * dpv * tl.sigmoid(s2)
+    ds1 = p * (g * dpv - delta[:, None])
+    return p * g, ds1, ds2
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, THETA, LSE, DELTA, DK, DV,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
+    sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
+    seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    rest = head_dim - r
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + b * sq_b + h * sq_h
+    do_base = DO + b * sdo_b + h * sdo_h
+    k_base = K + b * sk_b + h * sk_h
+    k1t = _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r)          # (R, N), as the forward loads it
+    k2t = _tile_t(k_base, offs_n, sk_s, seqlen_k, r, offs_e, rest)       # (E, N)
+    vt = _tile_t(V + b * sv_b + h * sv_h, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    start_m = 0
+    if CAUSAL:  # queries before this one see none of the block's keys
+        start_m = tl.maximum(pid_n * BLOCK_N - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
+    for m0 in range(start_m, seqlen_q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seqlen_q
+        q1 = _tile(q_base, offs_m, sq_s, seqlen_q, 0, offs_r, r)
+        theta = tl.load(THETA + bh * seqlen_q + offs_m, mask=m_ok, other=float("inf"))
+        s1, keep = _predictor(q1, k1t, theta, offs_m, offs_n, seqlen_q, seqlen_k, scale1, CAUSAL, IEEE)
+        if tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0) > 0:
+            q2 = _tile(q_base, offs_m, sq_s, seqlen_q, r, offs_e, rest)
+            do = _tile(do_base, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim)
+            lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
+            s2 = _dot(q2, k2t, IEEE) * scale2
+            w, ds1, ds2 = _score_grads(s1, keep, s2, lse, delta, _dot(do, vt, IEEE))
+            dv += _dot(tl.trans(w).to(do.dtype), do, IEEE)
+            dk1 += _dot(tl.trans(ds1).to(q1.dtype), q1, IEEE)
+            dk2 += _dot(tl.trans(ds2).to(q2.dtype), q2, IEEE)
+    n_ok = offs_n < seqlen_k
+    dk_rows = DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_s
+    tl.store(dk_rows + offs_r[None, :], (dk1 * scale1).to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_r[None, :] < r))
+    tl.store(dk_rows + r + offs_e[None, :], (dk2 * scale2).to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_e[None, :] < rest))
+    tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_d[None, :] < head_dim))
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, THETA, LSE, DELTA, DQ,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
+    seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    rest = head_dim - r
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seqlen_q
+    q_base = Q + b * sq_b + h * sq_h
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    q1 = _tile(q_base, offs_m, sq_s, seqlen_q, 0, offs_r, r)
+    q2 = _tile(q_base, offs_m, sq_s, seqlen_q, r, offs_e, rest)
+    do = _tile(DO + b * sdo_b + h * sdo_h, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim)
+    theta = tl.load(THETA + bh * seqlen_q + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
+    dq1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    for start_n in range(0, _last_key(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k1t = _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r)
+        s1, keep = _predictor(q1, k1t, theta, offs_m, offs_n, seqlen_q, seqlen_k, scale1, CAUSAL, IEEE)
+        if tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0) > 0:
+            k2t = _tile_t(k_base, offs_n, sk_s, seqlen_k, r, offs_e, rest)
+            vt = _tile_t(v_base, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim)
+            s2 = _dot(q2, k2t, IEEE) * scale2
+            _, ds1, ds2 = _score_grads(s1, keep, s2, lse, delta, _dot(do, vt, IEEE))
+            dq1 += _dot(ds1.to(k1t.dtype), tl.trans(k1t), IEEE)
+            dq2 += _dot(ds2.to(k2t.dtype), tl.trans(k2t), IEEE)
+    dq_rows = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s
+    tl.store(dq_rows + offs_r[None, :], (dq1 * scale1).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_r[None, :] < r))
+    tl.store(dq_rows + r + offs_e[None, :], (dq2 * scale2).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_e[None, :] < rest))
+
+
+# ---- launchers -------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps) of each pass, by input class and padded head_dim. Picked by ahead-of-time
+# compiles for sm_90 (and checked for sm_80), Triton 3.6, at the worst predictor split of each width
+# (BLOCK_R = BLOCK_D/2 beside BLOCK_E = BLOCK_D): the largest tiles ptxas did not spill, except fp32 at
+# D > 128, whose forward and dQ pass spill ~300 bytes/thread at every size tried (an IEEE fp32 dot is an FMA
+# loop that keeps whole operand rows of K = BLOCK_E in registers). The θ pass runs on the forward's grid.
+_TILES = {
+    # fp16 / bf16: tensor-core dots
+    (False, 64): {"fwd": (64, 64, 4), "dkdv": (64, 32, 4), "dq": (64, 32, 4)},
+    (False, 128): {"fwd": (32, 32, 4), "dkdv": (32, 32, 4), "dq": (32, 32, 4)},
+    (False, 256): {"fwd": (16, 32, 4), "dkdv": (16, 16, 4), "dq": (16, 32, 4)},
+    # fp32: IEEE dots (TF32 would flip the s1 > θ comparisons)
+    (True, 64): {"fwd": (16, 32, 8), "dkdv": (32, 32, 8), "dq": (16, 32, 8)},
+    (True, 128): {"fwd": (16, 16, 8), "dkdv": (16, 16, 8), "dq": (16, 16, 8)},
+    (True, 256): {"fwd": (16, 16, 8), "dkdv": (16, 16, 8), "dq": (16, 16, 8)},
+}
+
+
+def _config(head_dim: int, r: int, seqlen_q: int, seqlen_k: int, fp32: bool, phase: str) -> dict:
+    """Launch meta-parameters of one pass ("fwd", "dkdv" or "dq"): tiles no longer than the (padded)
+    sequences, the predictor / rest / full widths padded to powers of two ≥ 16 (tl.dot's minimum)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, num_warps = _TILES[(fp32, max(64, block_d))][phase]
+    return dict(
+        BLOCK_M=min(block_m, max(16, triton.next_power_of_2(seqlen_q))),
+        BLOCK_N=min(block_n, max(16, triton.next_power_of_2(seqlen_k))),
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_E=max(16, triton.next_power_of_2(head_dim - r)),
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def quantile_z(seqlen_q: int, seqlen_k: int, top_k: int, causal: bool, device) -> torch.Tensor:
+    """z_i = Φ⁻¹(1 − top_k/n_i) (−∞ where n_i ≤ top_k), (seqlen_q,) float32: it depends on the row only, so
+    the host computes it once (torch.special.ndtri), exactly as the reference does."""
+    from ..reference.spark_attention import quantile_z as z_of, visible_counts
+
+    return z_of(visible_counts(seqlen_q, seqlen_k, causal, device), top_k, torch.float32).contiguous()
+
+
+def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool):
+    """-> (out (B, S_q, H, D) in q's dtype, lse, θ (B, H, S_q) float32, kept (B, H, S_q) int64).
+    q, k, v: one dtype (fp16, bf16 or fp32), same heads, last dimension contiguous."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    ieee = q.dtype == torch.float32
+    cfg = _config(head_dim, r, seqlen_q, seqlen_k, ieee, "fwd")
+    scale1, scale2 = r ** -0.5, (head_dim - r) ** -0.5
+    theta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
+    lse = new_output((batch, heads, seqlen_q), torch.float32, q.device)
+    kept = new_output((batch, heads, seqlen_q), torch.int64, q.device)
+    out = new_output_like(q)
+    grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
+    _stats_kernel[grid](
+        q, k, quantile_z(seqlen_q, seqlen_k, top_k, causal, q.device), theta, *_strides(q), *_strides(k),
+        seqlen_q, seqlen_k, heads, r, scale1,
+        CAUSAL=causal, IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+        num_warps=cfg["num_warps"],
+    )
+    _fwd_kernel[grid](
+        q, k, v, theta, out, lse, kept, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **cfg,
+    )
+    return out, lse, theta, kept
+
+
+def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool):
+    """-> (dq, dk, dv) in the inputs' dtypes, recomputing P from the saved lse and θ."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    ieee = q.dtype == torch.float32
+    kv_cfg = _config(head_dim, r, seqlen_q, seqlen_k, ieee, "dkdv")
+    q_cfg = _config(head_dim, r, seqlen_q, seqlen_k, ieee, "dq")
+    scale1, scale2 = r ** -0.5, (head_dim - r) ** -0.5
+    delta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
+    q_grid = (triton.cdiv(seqlen_q, q_cfg["BLOCK_M"]), batch * heads)
+    _delta_kernel[q_grid](
+        out, dout, delta, *_strides(out), *_strides(dout), seqlen_q, heads, head_dim,
+        BLOCK_M=q_cfg["BLOCK_M"], BLOCK_D=q_cfg["BLOCK_D"], num_warps=4,
+    )
+    dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
+    _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, kv_cfg["BLOCK_N"]), batch * heads)](
+        q, k, v, dout, theta, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **kv_cfg,
+    )
+    _bwd_dq_kernel[q_grid](
+        q, k, v, dout, theta, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **q_cfg,
+    )
+    return dq, dk, dv
