@@ -45,7 +45,7 @@ RULES = {
     "stat_topk": [(rf"zigspark-{BACKEND}", "stat_topk")],
     "selective_scan": [(rf"zigspark-{BACKEND} fused order", "selective_scan")],
     "attention": [(rf"zigspark-{BACKEND}", "flash_attention"), (rf"zigspark-{BACKEND} received", "attention_received")],
-    "spark_ffn": [(rf"spark sparse {BACKEND}", "spark_ffn")],
+    "spark_ffn": [(rf"spark sparse {BACKEND}", "spark_ffn"), (rf"spark attention {BACKEND}", "spark_attention")],
     "token_prune": [(rf"hiprune select\+gather {BACKEND}", "hiprune_select")],
 }
 DESIGN_ORDER = {"cpu": ["reference"], "cuda": ["cuda", "triton", "reference"]}

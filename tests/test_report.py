@@ -156,6 +156,18 @@ def test_auto_table_derivation_picks_the_faster_backend_per_size():
     assert gone["cuda"] == ["triton", "cuda", "reference"] and gone["evidence"]["cuda"].startswith("PROVISIONAL")
 
 
+def test_auto_table_knows_every_benchmarked_backend_row():
+    named = {("stat_topk", "zigspark-cuda"): ("stat_topk", "cuda"),
+             ("selective_scan", "zigspark-triton fused order"): ("selective_scan", "triton"),
+             ("attention", "zigspark-triton received"): ("attention_received", "triton"),
+             ("spark_ffn", "spark sparse cuda"): ("spark_ffn", "cuda"),
+             ("spark_ffn", "spark attention triton"): ("spark_attention", "triton"),
+             ("token_prune", "hiprune select+gather triton"): ("hiprune_select", "triton")}
+    for (benchmark, impl), expected in named.items():
+        assert auto_table.op_and_backend(benchmark, {"impl": impl}) == expected
+    assert auto_table.op_and_backend("spark_ffn", {"impl": "dense torch SDPA"}) is None
+
+
 def test_auto_table_size_ranges_follow_runs_of_winners():
     cases = [{"config": {"L": size}, "times": times, "fastest": min(times, key=times.get)}
              for size, times in [(256, {"cuda": 1, "triton": 2}), (1024, {"cuda": 1, "triton": 3}),
