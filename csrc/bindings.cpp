@@ -13,6 +13,7 @@
 #include "causal_conv1d/causal_conv1d.h"
 #include "selective_scan/selective_scan.h"
 #include "stat_topk/stat_topk.h"
+#include "token_prune/token_prune.h"
 
 #ifndef ZIGSPARK_ARCHS
 #define ZIGSPARK_ARCHS ""
@@ -216,4 +217,72 @@ PYBIND11_MODULE(_C, m) {
       py::arg("k_stride_s"), py::arg("k_stride_h"), py::arg("v_stride_b"), py::arg("v_stride_s"),
       py::arg("v_stride_h"), py::arg("out_stride_b"), py::arg("out_stride_s"), py::arg("out_stride_h"),
       py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+
+  m.def("hiprune_select_workspace", &hiprune_select_workspace_bytes,
+        "bytes of global workspace hiprune_select needs (0: every sample fits in shared memory); "
+        "force_workspace=True sizes the global-memory path even where shared memory would do",
+        py::arg("batch"), py::arg("n"), py::arg("n_anchor"), py::arg("device"), py::arg("force_workspace") = false);
+  m.def(
+      "hiprune_select",
+      [](uintptr_t obj, uintptr_t deep, uintptr_t always, uintptr_t out, uintptr_t workspace,
+         int64_t workspace_bytes, int64_t batch, int64_t n, int64_t h, int64_t w, int64_t keep, int64_t n_anchor,
+         int64_t n_always, bool wrap_rows, int dtype, int device, uintptr_t stream) {
+        HipruneSelectArgs a;
+        a.obj = obj; a.deep = deep; a.always = always; a.out = out; a.workspace = workspace;
+        a.workspace_bytes = workspace_bytes;
+        a.batch = batch; a.n = n; a.h = h; a.w = w; a.keep = keep; a.n_anchor = n_anchor; a.n_always = n_always;
+        a.wrap_rows = wrap_rows; a.dtype = dtype; a.device = device; a.stream = stream;
+        py::gil_scoped_release release;
+        hiprune_select(a);
+      },
+      "HiPrune token selection (token_prune.h): out (batch, keep) int64 ascending; scores float32/16/bf16",
+      py::arg("obj"), py::arg("deep"), py::arg("always"), py::arg("out"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("batch"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("keep"),
+      py::arg("n_anchor"), py::arg("n_always"), py::arg("wrap_rows"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"));
+
+  auto prune_args = [](uintptr_t src, uintptr_t index, uintptr_t dst, int64_t batch, int64_t tokens, int64_t keep,
+                       int64_t channels, int64_t src_batch_stride, int64_t src_row_stride, int64_t dst_batch_stride,
+                       int64_t dst_row_stride, bool unique_index, int dtype, int device, uintptr_t stream) {
+    PruneTokensArgs a;
+    a.src = src; a.index = index; a.dst = dst;
+    a.batch = batch; a.tokens = tokens; a.keep = keep; a.channels = channels;
+    a.src_batch_stride = src_batch_stride; a.src_row_stride = src_row_stride;
+    a.dst_batch_stride = dst_batch_stride; a.dst_row_stride = dst_row_stride;
+    a.unique_index = unique_index; a.dtype = dtype; a.device = device; a.stream = stream;
+    return a;
+  };
+  m.def(
+      "prune_tokens_forward",
+      [prune_args](uintptr_t x, uintptr_t index, uintptr_t out, int64_t batch, int64_t tokens, int64_t keep,
+                   int64_t channels, int64_t x_batch_stride, int64_t x_row_stride, int64_t out_batch_stride,
+                   int64_t out_row_stride, int dtype, int device, uintptr_t stream) {
+        const PruneTokensArgs a = prune_args(x, index, out, batch, tokens, keep, channels, x_batch_stride,
+                                             x_row_stride, out_batch_stride, out_row_stride, true, dtype, device,
+                                             stream);
+        py::gil_scoped_release release;
+        prune_tokens_forward(a);
+      },
+      "out[b, j] = x[b, index[b, j]] (token_prune.h); rows with a contiguous last dimension, strides in elements",
+      py::arg("x"), py::arg("index"), py::arg("out"), py::arg("batch"), py::arg("tokens"), py::arg("keep"),
+      py::arg("channels"), py::arg("x_batch_stride"), py::arg("x_row_stride"), py::arg("out_batch_stride"),
+      py::arg("out_row_stride"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "prune_tokens_backward",
+      [prune_args](uintptr_t grad_out, uintptr_t index, uintptr_t grad_x, int64_t batch, int64_t tokens,
+                   int64_t keep, int64_t channels, int64_t grad_out_batch_stride, int64_t grad_out_row_stride,
+                   int64_t grad_x_batch_stride, int64_t grad_x_row_stride, bool unique_index, int dtype, int device,
+                   uintptr_t stream) {
+        const PruneTokensArgs a = prune_args(grad_out, index, grad_x, batch, tokens, keep, channels,
+                                             grad_out_batch_stride, grad_out_row_stride, grad_x_batch_stride,
+                                             grad_x_row_stride, unique_index, dtype, device, stream);
+        py::gil_scoped_release release;
+        prune_tokens_backward(a);
+      },
+      "grad_x[b, index[b, j]] (+)= grad_out[b, j] into a zero-filled grad_x (token_prune.h): plain stores when "
+      "unique_index, atomics otherwise",
+      py::arg("grad_out"), py::arg("index"), py::arg("grad_x"), py::arg("batch"), py::arg("tokens"),
+      py::arg("keep"), py::arg("channels"), py::arg("grad_out_batch_stride"), py::arg("grad_out_row_stride"),
+      py::arg("grad_x_batch_stride"), py::arg("grad_x_row_stride"), py::arg("unique_index"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"));
 }

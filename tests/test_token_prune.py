@@ -134,6 +134,229 @@ def test_triton_selection_equals_reference(triton_device):
     _compare_backends("triton", triton_device, [(1, 9), (3, 5), (7, 7), (6, 11)])
 
 
+def _signed_zero_case(device):
+    """Registers tied at zero with different signs: -0.0 == +0.0, so the lower index wins."""
+    obj = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0]], device=device)   # anchor 5, buffer 4
+    deep = torch.tensor([[-0.0, 0.0, -1.0, -1.0, -1.0, -1.0]], device=device)
+    return obj, deep
+
+
+@pytest.mark.cpu
+def test_signed_zeros_tie_by_index():
+    obj, deep = _signed_zero_case("cpu")
+    assert zigspark.hiprune_select(obj, deep, (1, 6), 3)[0].tolist() == [0, 4, 5]
+    assert naive_hiprune(obj[0].tolist(), deep[0].tolist(), 1, 6, 3) == [0, 4, 5]
+
+
+@pytest.mark.interpret
+def test_triton_signed_zeros_tie_by_index(triton_device):
+    obj, deep = _signed_zero_case(triton_device)
+    assert zigspark.hiprune_select(obj, deep, (1, 6), 3, backend="triton")[0].tolist() == [0, 4, 5]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_signed_zeros_tie_by_index(backend):
+    obj, deep = _signed_zero_case("cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = zigspark.hiprune_select(obj.to(dtype), deep.to(dtype), (1, 6), 3, backend=backend)
+        assert got[0].tolist() == [0, 4, 5], dtype
+
+
 @pytest.mark.gpu
 def test_gpu_triton_selection_equals_reference():
     _compare_backends("triton", torch.device("cuda"), [(24, 24), (48, 60), (64, 64), (1, 577)], batch=16)
+
+
+# ---- CUDA kernels (csrc/token_prune) ----------------------------------------------------------------------
+
+def _cuda_matches_reference(obj, deep, grid, keep, **kw):
+    got = zigspark.hiprune_select(obj, deep, grid, keep, **kw, backend="cuda")
+    expected = zigspark.hiprune_select(obj, deep, grid, keep, **kw, backend="reference")
+    assert got.dtype == torch.int64 and got.shape == expected.shape
+    assert torch.equal(got, expected), (grid, keep, kw, (got != expected).nonzero()[:5].tolist())
+
+
+@pytest.mark.build
+def test_extension_exposes_token_prune_kernels():
+    import shutil
+    from pathlib import Path
+
+    from zigspark import _cuda
+
+    if not _cuda.is_built():
+        if shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists():
+            pytest.fail(f"nvcc is installed but zigspark._C did not build or import: {_cuda.load_error()}")
+        pytest.skip("build tier: no nvcc on this machine, so the CUDA extension was not built")
+    C = _cuda.extension()
+    for name in ("hiprune_select", "hiprune_select_workspace", "prune_tokens_forward", "prune_tokens_backward"):
+        assert callable(getattr(C, name, None)), name
+    select = dict(obj=1, deep=1, always=0, out=1, workspace=0, workspace_bytes=0, batch=1, n=4, h=2, w=2, keep=2,
+                  n_anchor=1, n_always=0, wrap_rows=False, dtype=0, device=0, stream=0)
+    # sizes are checked before the device is touched
+    with pytest.raises(ValueError, match=r"keep must be in \[1, N\]"):
+        C.hiprune_select(**{**select, "keep": 5})
+    with pytest.raises(ValueError, match="grid h·w must equal N"):
+        C.hiprune_select(**{**select, "w": 3})
+    with pytest.raises(ValueError, match="unsupported dtype float64"):
+        C.hiprune_select(**{**select, "dtype": 3})
+    assert C.hiprune_select_workspace(batch=3, n=100, n_anchor=2, device=0, force_workspace=True) % 16 == 0
+    if not torch.cuda.is_available():
+        move = dict(index=1, batch=1, tokens=4, keep=2, channels=8, dtype=0, device=0, stream=0)
+        with pytest.raises(RuntimeError, match="no CUDA device is available.*backend='reference'"):
+            C.hiprune_select(**select)
+        with pytest.raises(RuntimeError, match="no CUDA device is available"):
+            C.hiprune_select_workspace(batch=1, n=4, n_anchor=1, device=0)
+        with pytest.raises(RuntimeError, match="no CUDA device is available"):
+            C.prune_tokens_forward(x=1, out=1, x_batch_stride=32, x_row_stride=8, out_batch_stride=16,
+                                   out_row_stride=8, **move)
+        with pytest.raises(RuntimeError, match="no CUDA device is available"):
+            C.prune_tokens_backward(grad_out=1, grad_x=1, grad_out_batch_stride=16, grad_out_row_stride=8,
+                                    grad_x_batch_stride=32, grad_x_row_stride=8, unique_index=True, **move)
+
+
+@pytest.mark.cpu
+def test_cuda_backend_is_registered_and_explains_itself():
+    from zigspark import backends
+
+    assert backends.auto_order("hiprune_select", torch.device("cuda"))[0] == "cuda"
+    reason = backends.unavailable_reason("hiprune_select", "cuda", torch.device("cpu"), torch.float32)
+    assert reason is not None and ("CUDA tensors" in reason or "not built" in reason)
+    with pytest.raises(zigspark.BackendUnavailableError, match="backend='cuda' cannot run here"):
+        zigspark.hiprune_select(torch.rand(1, 12), torch.rand(1, 12), (3, 4), 4, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_selection_equals_reference():
+    _cuda_matches_reference(torch.rand(3, 1, device="cuda"), torch.rand(3, 1, device="cuda"), (1, 1), 1)
+    _compare_backends("cuda", torch.device("cuda"), [(1, 9), (9, 1), (3, 5), (7, 7), (6, 11), (13, 17),
+                                                     (24, 24), (48, 60), (64, 64), (1, 577), (1, 4096)], batch=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h,w", [(1, 2), (2, 1), (1, 13), (3, 5), (7, 7), (6, 11)])
+def test_gpu_cuda_every_keep_and_tight_budgets(h, w):
+    """keep = 1..N; alpha up to 5 makes the anchors and buffers overflow the budget (structural cut)."""
+    n = h * w
+    g = torch.Generator().manual_seed(n)
+    obj = torch.randint(0, 4, (4, n), generator=g).float().cuda()   # integer-valued: many ties
+    deep = torch.randint(0, 6, (4, n), generator=g).cuda() / 2
+    for keep in range(1, n + 1):
+        for alpha in (0.1, 1.0, 5.0):
+            for wrap in (False, True):
+                _cuda_matches_reference(obj, deep, (h, w), keep, alpha=alpha, wrap_rows=wrap)
+        _cuda_matches_reference(obj, deep, (h, w), keep, alpha=1.0, always_keep=[n - 1, 0, n - 1][:keep])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid", [(24, 24), (48, 60), (64, 64), (1, 2880), (37, 53)])
+@pytest.mark.parametrize("kind", ["rand", "integer", "constant", "signed_zero_inf"])
+def test_gpu_cuda_large_grids_and_ties(grid, kind):
+    n = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(n)
+
+    def scores():
+        if kind == "rand":
+            return torch.rand(8, n, generator=g)
+        if kind == "integer":
+            return torch.randint(0, 7, (8, n), generator=g).float()
+        if kind == "constant":
+            return torch.full((8, n), 0.25)
+        vals = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 3e-38, -3e-38])
+        return vals[torch.randint(0, 8, (8, n), generator=g)]
+
+    obj, deep = scores().cuda(), scores().cuda()
+    keeps = {1, 2, 3, 7, n // 9, n // 3, n // 2, n - 1, n, *torch.randint(1, n + 1, (4,), generator=g).tolist()}
+    for keep in sorted(keeps):
+        for alpha, wrap in ((0.1, False), (0.1, True), (2.0, False)):
+            _cuda_matches_reference(obj, deep, grid, keep, alpha=alpha, wrap_rows=wrap)
+        _cuda_matches_reference(obj, deep, grid, keep, always_keep=torch.randint(0, n, (min(keep, 5),),
+                                                                                  generator=g).tolist())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cuda_half_precision_scores(dtype):
+    for grid in ((24, 24), (48, 60), (64, 64)):
+        n = grid[0] * grid[1]
+        obj = torch.rand(6, n, device="cuda").to(dtype)     # few distinct values in 16 bits: ties
+        deep = torch.randn(6, n, device="cuda").to(dtype)
+        for keep in (1, n // 9, n // 2, n):
+            _cuda_matches_reference(obj, deep, grid, keep)
+            _cuda_matches_reference(obj, deep, grid, keep, wrap_rows=True, always_keep=[0])
+            _cuda_matches_reference(obj, deep.float(), grid, keep)  # mixed dtypes: both read as float32
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_workspace_path_and_large_n():
+    """The global-memory path: forced at small N, and taken by itself where a sample exceeds shared memory."""
+    from zigspark.cuda_ops import token_prune as kernels
+
+    for grid in ((7, 7), (24, 24), (64, 64)):
+        n = grid[0] * grid[1]
+        obj = torch.randint(0, 50, (5, n), device="cuda").float()
+        deep = torch.rand(5, n, device="cuda")
+        for keep in (1, n // 9, n // 2, n):
+            n_anchor = min(n, max(1, round(keep * 0.1 / 5)))
+            for wrap in (False, True):
+                got = kernels.hiprune_select(obj, deep, grid, keep, n_anchor, wrap, None, force_workspace=True)
+                expected = zigspark.hiprune_select(obj, deep, grid, keep, wrap_rows=wrap, backend="reference")
+                assert torch.equal(got, expected), (grid, keep, wrap)
+    grid = (200, 160)  # 32,000 tokens: ~290 KB per sample, more than any GPU's shared memory per block
+    n = grid[0] * grid[1]
+    C = zigspark._cuda.extension()
+    assert C.hiprune_select_workspace(batch=2, n=n, n_anchor=64, device=0) > 0
+    obj, deep = torch.rand(2, n, device="cuda"), torch.randint(0, 1000, (2, n), device="cuda").float()
+    for keep in (1, 3200, n // 2, n):
+        _cuda_matches_reference(obj, deep, grid, keep)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_runs_the_cuda_kernel():
+    from zigspark import backends
+
+    obj, deep = torch.rand(4, 576, device="cuda"), torch.rand(4, 576, device="cuda")
+    got = zigspark.hiprune_select(obj, deep, (24, 24), 64)
+    assert backends.last_backends()["hiprune_select"] == "cuda"
+    assert torch.equal(got, zigspark.hiprune_select(obj, deep, (24, 24), 64, backend="reference"))
+    empty = zigspark.hiprune_select(obj[:0], deep[:0], (24, 24), 64, backend="cuda")
+    assert empty.shape == (0, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels", [1, 3, 8, 64, 1000, 1024])
+def test_gpu_prune_tokens_kernels_match_torch_indexing(dtype, channels):
+    from zigspark.cuda_ops import token_prune as kernels
+
+    batch, n, keep = 3, 50, 17
+    x = torch.randn(batch, n, channels, device="cuda").to(dtype)
+    idx = torch.stack([torch.randperm(n, device="cuda")[:keep].sort().values for _ in range(batch)])
+    expected = torch.gather(x, 1, idx[..., None].expand(-1, -1, channels))
+    assert torch.equal(kernels.prune_tokens_fwd(x, idx), expected)
+    # strided rows (every other token), an unaligned row start, and one sample broadcast over the batch
+    wide = torch.randn(batch, 2 * n, channels + 1, device="cuda").to(dtype)
+    aligned = torch.randn(batch, 2 * n, channels, device="cuda").to(dtype)
+    for view in (wide[:, ::2, :channels], wide[:, :n, 1:], aligned[:, ::2]):
+        assert torch.equal(kernels.prune_tokens_fwd(view, idx), torch.gather(view, 1, idx[..., None].expand(
+            -1, -1, channels)))
+    pos = torch.randn(1, n, channels, device="cuda").to(dtype).expand(batch, -1, -1)
+    assert torch.equal(kernels.prune_tokens_fwd(pos, idx), torch.gather(pos, 1, idx[..., None].expand(
+        -1, -1, channels)))
+
+    # backward: integer-valued gradients, so that sums of repeated indices are exact in every dtype
+    grad = torch.randint(-2, 3, (batch, keep, channels), device="cuda").to(dtype)
+    unique = torch.zeros(batch, n, channels, device="cuda", dtype=dtype).scatter_(
+        1, idx[..., None].expand(-1, -1, channels), grad)
+    assert torch.equal(kernels.prune_tokens_bwd(grad, idx, n, unique=True), unique)
+    assert torch.equal(kernels.prune_tokens_bwd(grad, idx, n, unique=False), unique)
+    repeated = torch.randint(0, 5, (batch, keep), device="cuda")   # each index up to 17 times
+    summed = torch.zeros(batch, n, channels, device="cuda", dtype=dtype).scatter_add_(
+        1, repeated[..., None].expand(-1, -1, channels), grad)
+    assert torch.equal(kernels.prune_tokens_bwd(grad, repeated, n, unique=False), summed)
+    assert torch.equal(kernels.prune_tokens_fwd(x, repeated), torch.gather(x, 1, repeated[..., None].expand(
+        -1, -1, channels)))
+    # gradient flowing through torch.gather's autograd agrees with the kernel pair
+    xr = x.clone().requires_grad_(True)
+    zigspark.prune_tokens(xr, idx).backward(grad)
+    assert torch.equal(xr.grad, kernels.prune_tokens_bwd(grad, idx, n, unique=True))

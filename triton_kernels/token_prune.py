@@ -70,6 +70,7 @@ def _hiprune_kernel(OBJ, DEEP, ALWAYS, OUT, N, keep, n_always, n_anchor, h, w,
     need = keep - count
     cand = valid & ~selected
     bits = deep.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)  # -0.0 ties with +0.0, as in the reference's sort
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)   # order-preserving image of the float
     lo = tl.full([], -2147483648, tl.int64)
     hi = tl.full([], 2147483647, tl.int64)

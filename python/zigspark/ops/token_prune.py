@@ -16,8 +16,10 @@ ties go to the lower index, so the selection is deterministic. The result is sor
 Baselines with the same interface: strategy="attention" keeps the `keep` highest deep_scores (FastV /
 EViT-style), strategy="random" a uniform random subset.
 
-Backends today: reference (vectorised PyTorch) and Triton (one fused program per sample, N ≤ 4096; the
-baselines always run in PyTorch). A CUDA kernel is open work (#6).
+Backends: reference (vectorised PyTorch), Triton (one fused program per sample, N ≤ 4096) and CUDA
+(csrc/token_prune: one block per sample, radix select instead of sorts, any N; float32/16/bf16 scores). The
+baselines always run in PyTorch. prune_tokens is a torch.gather (the CUDA gather kernels in
+zigspark.cuda_ops.token_prune are not wired to it: it has no backend switch yet).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .. import backends
 from ..validation import check_float_tensor, check_same_device
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-backends.register_op("hiprune_select", {"reference": _DTYPES, "triton": _DTYPES[:3]})
+backends.register_op("hiprune_select", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]})
 STRATEGIES = ("hiprune", "attention", "random")
 TRITON_MAX_N = 4096  # one program holds the sample; beyond this ptxas spills (ahead-of-time compile, sm_90)
 
@@ -78,7 +80,9 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
     if torch.isnan(obj_scores).any() or torch.isnan(deep_scores).any():
         raise ValueError("obj_scores / deep_scores contain NaN; scores must be finite (check the attention maps)")
     device = check_same_device(obj_scores=obj_scores, deep_scores=deep_scores)
-    chosen = backends.resolve("hiprune_select", backend, device, obj_scores.dtype)
+    # the kernels read both rows in one dtype: the wider of the two decides what a backend must support
+    chosen = backends.resolve("hiprune_select", backend, device, torch.promote_types(obj_scores.dtype,
+                                                                                      deep_scores.dtype))
 
     if strategy == "random":
         noise = torch.rand(batch, n, generator=generator, device="cpu" if generator is None else generator.device)
@@ -100,6 +104,10 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
                              "use backend='reference'")
         chosen = "reference"
         backends.record("hiprune_select", chosen)
+    if chosen == "cuda" and strategy == "hiprune":
+        from ..cuda_ops.token_prune import hiprune_select as kernel
+
+        return kernel(obj_scores, deep_scores, (h, w), keep, n_anchor, wrap_rows, always)
     if chosen == "triton" and strategy == "hiprune":
         from ..triton_kernels.token_prune import hiprune_select as kernel
 
