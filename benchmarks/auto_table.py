@@ -46,7 +46,8 @@ RULES = {
     "selective_scan": [(rf"zigspark-{BACKEND} fused order", "selective_scan")],
     "attention": [(rf"zigspark-{BACKEND}", "flash_attention"), (rf"zigspark-{BACKEND} received", "attention_received")],
     "spark_ffn": [(rf"spark sparse {BACKEND}", "spark_ffn"), (rf"spark attention {BACKEND}", "spark_attention")],
-    "token_prune": [(rf"hiprune select\+gather {BACKEND}", "hiprune_select")],
+    "token_prune": [(rf"hiprune select\+gather {BACKEND}", "hiprune_select"),
+                    (rf"prune_tokens gather {BACKEND}", "prune_tokens")],
 }
 DESIGN_ORDER = {"cpu": ["reference"], "cuda": ["cuda", "triton", "reference"]}
 ABOUT = ("Preference order of backend='auto' per op and device type; the first backend that can run wins. "

@@ -1,6 +1,7 @@
 """Benchmark HiPrune token selection + gather, and the cost of the scores it needs.
 
-Selection + gather for N = 576, 2880, 4096 patch tokens and batch 1–64, per backend; and scoring: the
+Selection + gather for N = 576, 2880, 4096 patch tokens and batch 1–64, per backend; the gather alone
+(prune_tokens, forward and forward + backward) per backend; and scoring: the
 attention each token receives at one layer from zigspark.attention_received against eager attention
 maps (softmax, then the sum over queries), which is what the official HiPrune code needs.
 
@@ -48,6 +49,24 @@ def run(device, token_counts, batches, dtype, heads=16, head_dim=64, progress=pr
                 results.append({"N": n, "batch": batch, "keep": keep, "impl": f"hiprune select+gather {backend}",
                                 "ms": ms})
                 progress(f"  N {n:>5} batch {batch:>3} select+gather {backend:<10} {ms:9.3f} ms")
+            idx = zigspark.hiprune_select(obj, deep, grid, keep)
+            for backend in backends.BACKENDS:                   # the gather alone, forward and backward
+                if backends.unavailable_reason("prune_tokens", backend, device, x.dtype) is not None:
+                    continue
+                leaf = x.detach().requires_grad_(True)
+
+                def gather(t, b=backend):
+                    return zigspark.prune_tokens(t, idx, backend=b)
+
+                def gather_backward(t, b=backend):
+                    zigspark.prune_tokens(t, idx, backend=b).sum().backward()
+
+                row = {"N": n, "batch": batch, "keep": keep, "impl": f"prune_tokens gather {backend}",
+                       "fwd_ms": common.time_ms(gather, [(x,)], device),
+                       "fwd_bwd_ms": common.time_ms(gather_backward, [(leaf,)], device)}
+                results.append(row)
+                progress(f"  N {n:>5} batch {batch:>3} gather {backend:<10} {row['fwd_ms']:9.3f} ms"
+                         f"  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms")
         q = torch.randn(min(batches), n, heads, head_dim, device=device, dtype=dtype)
         k = torch.randn_like(q)
         for name, fn in (("eager attention maps", eager_scores),

@@ -162,7 +162,8 @@ def test_auto_table_knows_every_benchmarked_backend_row():
              ("attention", "zigspark-triton received"): ("attention_received", "triton"),
              ("spark_ffn", "spark sparse cuda"): ("spark_ffn", "cuda"),
              ("spark_ffn", "spark attention triton"): ("spark_attention", "triton"),
-             ("token_prune", "hiprune select+gather triton"): ("hiprune_select", "triton")}
+             ("token_prune", "hiprune select+gather triton"): ("hiprune_select", "triton"),
+             ("token_prune", "prune_tokens gather cuda"): ("prune_tokens", "cuda")}
     for (benchmark, impl), expected in named.items():
         assert auto_table.op_and_backend(benchmark, {"impl": impl}) == expected
     assert auto_table.op_and_backend("spark_ffn", {"impl": "dense torch SDPA"}) is None

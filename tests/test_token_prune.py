@@ -91,6 +91,19 @@ def test_prune_tokens_gathers_and_scatters_gradients():
 
 
 @pytest.mark.cpu
+def test_prune_tokens_op_gradcheck_opcheck_repeats_and_integer_features():
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[0, 3, 3, 6], [5, 1, 2, 2]])                  # repeats add up in the backward
+    assert torch.autograd.gradcheck(lambda t: zigspark.prune_tokens(t, idx, backend="reference"), (x,))
+    torch.library.opcheck(torch.ops.zigspark.prune_tokens_fwd.default, (x.detach().float(), idx, "reference"))
+    torch.library.opcheck(torch.ops.zigspark.prune_tokens_bwd.default, (torch.randn(2, 4, 3), idx, 7, "reference"))
+    labels = torch.arange(14).view(2, 7, 1)
+    assert zigspark.prune_tokens(labels, idx)[:, :, 0].tolist() == [[0, 3, 3, 6], [12, 8, 9, 9]]
+    with pytest.raises(zigspark.BackendUnavailableError, match="cuda"):
+        zigspark.prune_tokens(x, idx, backend="cuda")
+
+
+@pytest.mark.cpu
 def test_bad_inputs():
     obj, deep = torch.rand(2, 12), torch.rand(2, 12)
     cases = [
@@ -356,7 +369,10 @@ def test_gpu_prune_tokens_kernels_match_torch_indexing(dtype, channels):
     assert torch.equal(kernels.prune_tokens_bwd(grad, repeated, n, unique=False), summed)
     assert torch.equal(kernels.prune_tokens_fwd(x, repeated), torch.gather(x, 1, repeated[..., None].expand(
         -1, -1, channels)))
-    # gradient flowing through torch.gather's autograd agrees with the kernel pair
-    xr = x.clone().requires_grad_(True)
-    zigspark.prune_tokens(xr, idx).backward(grad)
-    assert torch.equal(xr.grad, kernels.prune_tokens_bwd(grad, idx, n, unique=True))
+    # the op on both backends, forward and gradient, agrees with the kernel pair
+    for backend in ("reference", "cuda"):
+        xr = x.clone().requires_grad_(True)
+        out = zigspark.prune_tokens(xr, idx, backend=backend)
+        assert torch.equal(out, expected)
+        out.backward(grad)
+        assert torch.equal(xr.grad, kernels.prune_tokens_bwd(grad, idx, n, unique=True)), backend

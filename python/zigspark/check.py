@@ -18,6 +18,7 @@ from . import backends, orders
 from .ops.attention import attention_received, flash_attention
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
+from .ops.spark import spark_ffn
 from .ops.stat_topk import stat_topk
 
 FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}  # relative
@@ -90,9 +91,26 @@ def _attention_cases(large: bool) -> list[OpCase]:
     ]
 
 
+def _spark_ffn_case(large: bool) -> OpCase:
+    """Sparse inference only (the dense-masked training path is plain PyTorch around stat_topk). Every
+    backend gets the same active set: the gate comes from the same stat_topk call in every run."""
+    tokens, d_model, d_ff, r = (16, 2048, 8192, 512) if large else (5, 64, 256, 16)
+
+    def make(device, dtype):
+        scale = lambda n: n ** -0.5  # noqa: E731
+        return [torch.randn(tokens, d_model, device=device, dtype=dtype),
+                (torch.randn(d_ff, r, device=device) * scale(r)).to(dtype),
+                (torch.randn(d_ff, d_model - r, device=device) * scale(d_model - r)).to(dtype),
+                (torch.randn(d_model, d_ff, device=device) * scale(d_ff)).to(dtype)]
+
+    return OpCase(f"spark_ffn sparse {tokens}x{d_model}", "spark_ffn", make,
+                  lambda x, K1, K2, V, backend: spark_ffn(x, K1, K2, V, 0.08, sparse=True, backend=backend),
+                  differentiable=False)
+
+
 def cases(large: bool) -> list[OpCase]:
     return [_stat_topk_case(large), _selective_scan_case(large), _causal_conv1d_case(large),
-            *_attention_cases(large)]
+            *_attention_cases(large), _spark_ffn_case(large)]
 
 
 def _forward_backward(case: OpCase, inputs, backend):

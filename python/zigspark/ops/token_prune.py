@@ -18,8 +18,10 @@ EViT-style), strategy="random" a uniform random subset.
 
 Backends: reference (vectorised PyTorch), Triton (one fused program per sample, N ≤ 4096) and CUDA
 (csrc/token_prune: one block per sample, radix select instead of sorts, any N; float32/16/bf16 scores). The
-baselines always run in PyTorch. prune_tokens is a torch.gather (the CUDA gather kernels in
-zigspark.cuda_ops.token_prune are not wired to it: it has no backend switch yet).
+baselines always run in PyTorch. prune_tokens (zigspark::prune_tokens_fwd / _bwd) runs torch.gather and a
+scatter on the reference backend, and the CUDA gather/scatter kernels (16-byte row copies; the backward
+stores into zeros, with atomics only when an index repeats within a sample) on the cuda backend. `auto`
+keeps torch.gather first until a benchmark shows the kernel ahead.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from .. import backends
 from ..validation import check_float_tensor, check_same_device
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-backends.register_op("hiprune_select", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]})
+backends.register_op("hiprune_select", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]},
+                     size_key="N")
+backends.register_op("prune_tokens", {"reference": _DTYPES, "cuda": _DTYPES}, size_key="N")
 STRATEGIES = ("hiprune", "attention", "random")
 TRITON_MAX_N = 4096  # one program holds the sample; beyond this ptxas spills (ahead-of-time compile, sm_90)
 
@@ -130,9 +134,56 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
     return torch.sort(chosen, dim=1).values
 
 
-def prune_tokens(x: torch.Tensor, keep_idx: torch.Tensor, positions: torch.Tensor | None = None):
+@torch.library.custom_op("zigspark::prune_tokens_fwd", mutates_args=())
+def prune_tokens_fwd(x: torch.Tensor, keep_idx: torch.Tensor, backend: str) -> torch.Tensor:
+    """(batch, N, C), (batch, keep) int64 -> (batch, keep, C): out[b, j] = x[b, keep_idx[b, j]]."""
+    if backend == "cuda":
+        from ..cuda_ops import token_prune as kernels
+
+        return kernels.prune_tokens_fwd(x, keep_idx)
+    return torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[2])).contiguous()
+
+
+@prune_tokens_fwd.register_fake
+def _(x, keep_idx, backend):
+    return x.new_empty((x.shape[0], keep_idx.shape[1], x.shape[2]))
+
+
+@torch.library.custom_op("zigspark::prune_tokens_bwd", mutates_args=())
+def prune_tokens_bwd(grad_out: torch.Tensor, keep_idx: torch.Tensor, tokens: int, backend: str) -> torch.Tensor:
+    """grad_x (batch, tokens, C): the kept rows' gradients added back at their indices, zeros elsewhere."""
+    if backend == "cuda":
+        from ..cuda_ops import token_prune as kernels
+
+        return kernels.prune_tokens_bwd(grad_out, keep_idx, tokens, unique=False)
+    grad_x = grad_out.new_zeros((grad_out.shape[0], tokens, grad_out.shape[2]))
+    return grad_x.scatter_add_(1, keep_idx[..., None].expand(-1, -1, grad_out.shape[2]), grad_out)
+
+
+@prune_tokens_bwd.register_fake
+def _(grad_out, keep_idx, tokens, backend):
+    return grad_out.new_empty((grad_out.shape[0], tokens, grad_out.shape[2]))
+
+
+def _prune_setup(ctx, inputs, output):
+    x, keep_idx, backend = inputs
+    ctx.save_for_backward(keep_idx)
+    ctx.tokens, ctx.backend = x.shape[1], backend
+
+
+def _prune_backward(ctx, grad_out):
+    (keep_idx,) = ctx.saved_tensors
+    return prune_tokens_bwd(grad_out.contiguous(), keep_idx, ctx.tokens, ctx.backend), None, None
+
+
+prune_tokens_fwd.register_autograd(_prune_backward, setup_context=_prune_setup)
+
+
+def prune_tokens(x: torch.Tensor, keep_idx: torch.Tensor, positions: torch.Tensor | None = None, *,
+                 backend: str = "auto"):
     """Gather the kept tokens: x (batch, N, C) -> (batch, keep, C) (and positions (batch or 1, N, P) the
-    same way). Differentiable: the backward scatters the gradient back to the kept rows."""
+    same way, by torch.gather). Differentiable: the backward scatters the gradient back to the kept rows
+    (adding where an index repeats)."""
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, N, C), got shape {tuple(x.shape)}")
     if keep_idx.dim() != 2 or keep_idx.shape[0] != x.shape[0] or keep_idx.dtype != torch.int64:
@@ -140,7 +191,12 @@ def prune_tokens(x: torch.Tensor, keep_idx: torch.Tensor, positions: torch.Tenso
                          f"{keep_idx.dtype} {tuple(keep_idx.shape)}")
     if keep_idx.numel() and (keep_idx.min() < 0 or keep_idx.max() >= x.shape[1]):
         raise ValueError(f"keep_idx must be in [0, {x.shape[1]})")
-    out = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[2]))
+    check_same_device(x=x, keep_idx=keep_idx)
+    if x.is_floating_point():
+        chosen = backends.resolve("prune_tokens", backend, x.device, x.dtype, size=x.shape[1])
+        out = prune_tokens_fwd(x, keep_idx, chosen)
+    else:  # integer features (no gradient): torch.gather
+        out = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[2]))
     if positions is None:
         return out
     pos = positions.expand(x.shape[0], -1, -1)
