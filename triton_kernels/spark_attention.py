@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output, new_output_like
+from .attention import _visible  # same causal mask (bottom-right aligned) as flash attention
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global, so jit code may read it
 
@@ -74,14 +75,6 @@ def _tile_t(base, rows, row_stride, n_rows, col0, cols, n_cols):
     """The same block loaded transposed, (cols, rows): the kᵀ operand of q·kᵀ."""
     return tl.load(base + rows[None, :] * row_stride + col0 + cols[:, None],
                    mask=(rows[None, :] < n_rows) & (cols[:, None] < n_cols), other=0.0)
-
-
-@triton.jit
-def _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
-    ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
-    return ok
 
 
 @triton.jit
