@@ -2,8 +2,9 @@
 (on a GPU) Spark attention against dense attention.
 
 FFN: decode batches of 1 / 4 / 16 tokens and a prefill batch; every available zigspark backend of the
-sparse path, the dense-masked path, and the dense GEGLU baseline (SparkFFN.dense_equivalent()). The Spark
-paper's 1.40× GPU decode speedup is the bar.
+sparse path (on a GPU "spark sparse cuda", csrc/spark_ffn, and "spark sparse triton"), the dense-masked
+path, and the dense GEGLU baseline (SparkFFN.dense_equivalent()). The Spark paper's 1.40× GPU decode
+speedup is the bar.
 
 Attention (GPU sizes only; CPU and --quick runs time the FFN alone): every available backend of
 zigspark.spark_attention, forward and forward + backward, against torch SDPA and zigspark.flash_attention
@@ -36,7 +37,7 @@ def run(device, d_model, d_ff, token_counts, dtype, progress=print) -> dict:
         inputs = [(torch.randn(tokens, d_model, device=device, dtype=dtype),)]
         impls = {"dense GEGLU (equal params)": dense,
                  "spark dense-masked": lambda x: zigspark.spark_ffn(x, layer.K1, layer.K2, layer.V, 0.08)}
-        for backend in backends.BACKENDS:
+        for backend in backends.BACKENDS:  # cuda, triton, reference: a row for each that can run here
             if backends.unavailable_reason("spark_ffn", backend, device, dtype) is None:
                 if backend == "reference" and tokens > 16:
                     continue  # the per-token reference loop is the oracle, not a contender at prefill

@@ -12,6 +12,7 @@
 #include "attention/attention.h"
 #include "causal_conv1d/causal_conv1d.h"
 #include "selective_scan/selective_scan.h"
+#include "spark_ffn/spark_ffn.h"
 #include "stat_topk/stat_topk.h"
 #include "token_prune/token_prune.h"
 
@@ -285,4 +286,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("keep"), py::arg("channels"), py::arg("grad_out_batch_stride"), py::arg("grad_out_row_stride"),
       py::arg("grad_x_batch_stride"), py::arg("grad_x_row_stride"), py::arg("unique_index"), py::arg("dtype"),
       py::arg("device"), py::arg("stream"));
+
+  m.def("spark_ffn_slices", &spark_ffn_slices,
+        "neuron slices per token the Spark FFN forward runs with on a GPU of `multiprocessors` SMs (spark_ffn.h); "
+        "for slices > 1 it needs a float32 (tokens, slices, d_model) workspace",
+        py::arg("tokens"), py::arg("d_ff"), py::arg("multiprocessors"));
+  m.def(
+      "spark_ffn_forward",
+      [](uintptr_t x, uintptr_t gate, uintptr_t k2, uintptr_t vt, uintptr_t out, uintptr_t partial, int64_t tokens,
+         int64_t d_model, int64_t d_ff, int64_t r, int64_t x_row_stride, int64_t gate_row_stride,
+         int64_t k2_row_stride, int64_t vt_row_stride, int64_t out_row_stride, int64_t slices, int dtype, int device,
+         uintptr_t stream) {
+        SparkFfnForwardArgs a;
+        a.x = x; a.gate = gate; a.k2 = k2; a.vt = vt; a.out = out; a.partial = partial;
+        a.tokens = tokens; a.d_model = d_model; a.d_ff = d_ff; a.r = r;
+        a.x_row_stride = x_row_stride; a.gate_row_stride = gate_row_stride; a.k2_row_stride = k2_row_stride;
+        a.vt_row_stride = vt_row_stride; a.out_row_stride = out_row_stride;
+        a.slices = slices; a.dtype = dtype; a.device = device; a.stream = stream;
+        py::gil_scoped_release release;
+        spark_ffn_forward(a);
+      },
+      "Spark FFN sparse inference (spark_ffn.h): out_t = Σ_{g_ti > 0} GELU(g_ti)·(K2_i·x_t[r:])·Vᵀ_i, "
+      "reading only the active rows of K2 and Vᵀ; float32/16/bf16, float32 accumulation; partial = 0 when "
+      "slices == 1",
+      py::arg("x"), py::arg("gate"), py::arg("k2"), py::arg("vt"), py::arg("out"), py::arg("partial"),
+      py::arg("tokens"), py::arg("d_model"), py::arg("d_ff"), py::arg("r"), py::arg("x_row_stride"),
+      py::arg("gate_row_stride"), py::arg("k2_row_stride"), py::arg("vt_row_stride"), py::arg("out_row_stride"),
+      py::arg("slices"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
 }

@@ -20,14 +20,16 @@ without renormalising; the statistics of the top-k use the population std over t
 The FFN trains on the dense-masked computation (exact gradients, through stat_topk's backward).
 Inference can run `spark_ffn(..., sparse=True)`, which computes only the active neurons: the reference
 gathers them per token; Triton (triton_kernels/spark_ffn.py) masks inactive K2 rows and Vᵀ rows out of
-its loads.
+its loads; CUDA (csrc/spark_ffn) compacts each token's active neurons per slice of d_ff with warp ballots,
+gives each active neuron a warp for its K2 dot product (16-byte loads) and adds a·Vᵀ_i in fixed order, so
+it reads only the active rows and is deterministic. Both kernels read a Vᵀ copy cached until V changes.
 
 Spark attention is registered as ``zigspark::spark_attention_fwd`` (→ out, lse of the kept predictor
 scores, θ, kept counts) and ``zigspark::spark_attention_bwd`` (→ dq, dk, dv; the mask carries no
 gradient). Backends: the reference (zigspark/reference/spark_attention.py: chunked PyTorch with a
 closed-form backward) and fused Triton kernels (triton_kernels/spark_attention.py: a θ statistics pass, a
 forward that skips key tiles in which no key is selected, and a FlashAttention-2-style backward that
-skips the same tiles). CUDA kernels for both Spark layers are open work (#5).
+skips the same tiles). A CUDA Spark-attention kernel is open work (#5).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from .stat_topk import stat_topk
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256  # the Triton kernels' widest tile
-backends.register_op("spark_ffn", {"reference": _DTYPES, "triton": _DTYPES[:3]})
+backends.register_op("spark_ffn", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]})
 backends.register_op("spark_attention", {"reference": _DTYPES, "triton": _DTYPES[:3]})
 
 
@@ -80,13 +82,22 @@ def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, ba
     if not sparse:
         out = F.linear(F.gelu(gate) * F.linear(x[..., r:], K2), V)
         return (out, mask) if return_mask else out
+    if chosen == "cuda":
+        from ..cuda_ops import spark_ffn as cuda_ffn
+
+        with torch.no_grad():  # Vᵀ is cached across calls (cuda_ops.spark_ffn.transposed), not copied each time
+            out = cuda_ffn.spark_ffn_sparse(x.reshape(-1, x.shape[-1]), gate.reshape(-1, K1.shape[0]), K2,
+                                            cuda_ffn.transposed(V), r)
+        out = out.reshape(x.shape)
+        return (out, mask) if return_mask else out
     if chosen == "triton":
+        from ..cuda_ops.spark_ffn import transposed
         from ..triton_kernels.spark_ffn import spark_ffn_sparse
 
-        with torch.no_grad():
+        with torch.no_grad():  # the same cached Vᵀ as the CUDA path
             flat = x.reshape(-1, x.shape[-1]).contiguous()
             out = spark_ffn_sparse(flat, gate.reshape(-1, K1.shape[0]).contiguous(), K2.contiguous(),
-                                   V.t().contiguous(), r)
+                                   transposed(V).contiguous(), r)
         out = out.reshape(x.shape)
         return (out, mask) if return_mask else out
     with torch.no_grad():
