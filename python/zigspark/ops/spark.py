@@ -46,8 +46,9 @@ from .stat_topk import stat_topk
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256  # the Triton kernels' widest tile
-backends.register_op("spark_ffn", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]})
-backends.register_op("spark_attention", {"reference": _DTYPES, "triton": _DTYPES[:3]})
+backends.register_op("spark_ffn", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]},
+                     size_key="tokens")
+backends.register_op("spark_attention", {"reference": _DTYPES, "triton": _DTYPES[:3]}, size_key="seqlen")
 
 
 def _check_ffn(x, K1, K2, V, density):
@@ -76,7 +77,7 @@ def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, ba
     (..., d_ff) boolean mask of active neurons.
     """
     device, r = _check_ffn(x, K1, K2, V, density)
-    chosen = backends.resolve("spark_ffn", backend, device, x.dtype)
+    chosen = backends.resolve("spark_ffn", backend, device, x.dtype, size=x.numel() // max(1, x.shape[-1]))
     predictor = F.linear(x[..., :r], K1)
     gate, mask = stat_topk(predictor, density=density, return_mask=True)
     if not sparse:
@@ -202,8 +203,8 @@ def _check_attention(q, k, v, top_k, predictor_dim, chunk):
     return check_same_device(q=q, k=k, v=v), r
 
 
-def _resolve_attention(backend, device, q):
-    chosen = backends.resolve("spark_attention", backend, device, q.dtype)
+def _resolve_attention(backend, device, q, k):
+    chosen = backends.resolve("spark_attention", backend, device, q.dtype, size=k.shape[1])
     if chosen != "reference" and q.shape[-1] > MAX_HEAD_DIM:
         if backend != "auto":
             raise ValueError(f"head_dim {q.shape[-1]} is larger than the {chosen} kernel's {MAX_HEAD_DIM}; "
@@ -237,7 +238,7 @@ def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, chun
         (torch.Size([1, 300, 2, 64]), torch.Size([1, 2, 300]))
     """
     device, r = _check_attention(q, k, v, top_k, predictor_dim, chunk)
-    chosen = _resolve_attention(backend, device, q)
+    chosen = _resolve_attention(backend, device, q, k)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     out, _, _, kept = torch.ops.zigspark.spark_attention_fwd(q, k, v, int(top_k), int(r), bool(causal), int(chunk),
                                                             chosen)
