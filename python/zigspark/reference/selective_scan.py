@@ -74,18 +74,20 @@ class ChunkLayout:
         self.read_slots = self.slots.clamp(max=length - 1) if self.pad else self.slots
 
     def _gather(self, steps_first: torch.Tensor) -> torch.Tensor:
-        """(L, ...) -> (T, chunks, ...) in slot order, padded slots zero."""
-        out = steps_first.index_select(0, self.read_slots).view(self.steps, self.chunks, *steps_first.shape[1:])
+        """(L, ...) -> (T, chunks, ...) in slot order, padded slots zero. The step-major copy first makes
+        every gathered step one contiguous row (a strided gather of single elements is slower)."""
+        rows = steps_first.contiguous()
+        out = rows.index_select(0, self.read_slots).view(self.steps, self.chunks, *steps_first.shape[1:])
         if self.pad:
             out[self.steps - self.pad:, -1] = 0
         return out
 
-    def _scatter(self, x: torch.Tensor, shape: tuple[int, ...], steps_first) -> torch.Tensor:
-        """(T, chunks, ...) -> a new tensor of `shape` (steps last), through the permutation `steps_first`
-        that views it steps-first."""
-        out = x.new_empty((*shape[:-1], shape[-1] + (1 if self.pad else 0)))
-        steps_first(out).index_copy_(0, self.slots, x.reshape(self.steps * self.chunks, *x.shape[2:]))
-        return out[..., :self.length].contiguous() if self.pad else out
+    def _scatter(self, x: torch.Tensor, back: tuple[int, ...]) -> torch.Tensor:
+        """(T, chunks, ...) -> the step-major (L, ...) rows in raster order, then permuted by `back` into
+        a contiguous tensor (padded slots land in a spare row L, which is dropped)."""
+        rows = x.new_empty((self.length + (1 if self.pad else 0), *x.shape[2:]))
+        rows.index_copy_(0, self.slots, x.reshape(self.steps * self.chunks, *x.shape[2:]))
+        return rows[:self.length].permute(back).contiguous()
 
     def scalars(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, d, L) -> (T, 1, chunks, batch, d)."""
@@ -94,7 +96,7 @@ class ChunkLayout:
     def unscalars(self, y: torch.Tensor) -> torch.Tensor:
         """(T, [1,] chunks, batch, d) -> (batch, d, L)."""
         y = y.reshape(self.steps, self.chunks, self.batch, y.shape[-1])
-        return self._scatter(y, (self.batch, y.shape[-1], self.length), lambda t: t.permute(2, 0, 1))
+        return self._scatter(y, (1, 2, 0))                                # (L, b, d) -> (b, d, L)
 
     def bc(self, M: torch.Tensor, dim: int) -> torch.Tensor:
         """B or C (raster order) for `dim` channels -> broadcastable to (T, N, chunks, batch, dim)."""
@@ -113,10 +115,10 @@ class ChunkLayout:
         steps, n, chunks, batch, dim = grad.shape
         if like.dim() == 3:
             per_step = grad.sum(-1).permute(0, 2, 1, 3)                  # (T, chunks, N, batch)
-            return self._scatter(per_step, (batch, n, self.length), lambda t: t.permute(2, 1, 0))
+            return self._scatter(per_step, (2, 1, 0))                     # (L, N, b) -> (b, N, L)
         groups = like.shape[1]
         per_step = grad.reshape(steps, n, chunks, batch, groups, dim // groups).sum(-1).permute(0, 2, 1, 3, 4)
-        return self._scatter(per_step, (batch, groups, n, self.length), lambda t: t.permute(3, 2, 0, 1))
+        return self._scatter(per_step, (2, 3, 1, 0))                      # (L, N, b, G) -> (b, G, N, L)
 
 
 def _pick(M: torch.Tensor, t: int) -> torch.Tensor:
@@ -192,7 +194,7 @@ def _scan_block(lay: ChunkLayout, delta, A, u, B, C):
         torch.addcmul(ends[c - 1], end_decays[c - 1], carries[c - 1], out=carries[c])
     last_state = torch.addcmul(ends[-1], end_decays[-1], carries[-1])    # (N, b, d)
     h.addcmul_(decay, carry)                                             # local states + carried-in state
-    return torch.linalg.vecdot(h, lay.bc(C, dim), dim=1), last_state     # Σ_n C_t·h_t
+    return h.mul_(lay.bc(C, dim)).sum(1), last_state                      # Σ_n C_t·h_t
 
 
 @torch.no_grad()
