@@ -35,8 +35,10 @@ def provenance(device: torch.device) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip())
+        # code changes only: result files and the report they feed are outputs, not what was measured
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":(exclude)benchmarks/results", ":(exclude)BENCHMARKS.md"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent.parent).stdout.strip())
     except OSError:
         commit, dirty = None, None
     try:
