@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Whole-project check on a GPU machine that has torch, triton, nvcc and pytest but no package registry
-# (DESIGN.md §6): build the extension in place, run the gpu/build/interpret test tiers on the GPU, run the
+# (DESIGN.md §6): build the extension in place, run the gpu, interpret and build test tiers on the GPU, run the
 # `zigspark check` table and the benchmarks, and copy the results (at most 8 small files) to $RESULTS_DIR
 # as they are produced, so a run cut off by a time limit still returns what it finished.
 #
@@ -50,7 +50,11 @@ step 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 step 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 step 60 "$PY" -m zigspark env
 if [ "$PART" = all ] || [ "$PART" = tests ]; then
-  step 300 "$PY" -m pytest -q -ra -m "gpu or build or interpret" tests
+  # most valuable first: the gpu tier; then the interpret tier, which on a GPU runs the real kernels at tiny
+  # shapes; the build tier (wheel builds, mostly CPU work) last
+  step 300 "$PY" -m pytest -q -ra -m gpu tests
+  step 150 "$PY" -m pytest -q -ra -m interpret tests
+  step 150 "$PY" -m pytest -q -ra -m build tests
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
   step 60 "$PY" -m zigspark check --large --dtypes float32 float16 bfloat16 --json benchmarks/results/check-gpu.json
