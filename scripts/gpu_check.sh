@@ -46,7 +46,16 @@ step() {  # step SECONDS command...
   publish
 }
 
-step 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+step 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+# Build for the GPU that is here only (one nvcc target instead of three: the build is on the clock).
+if [ -z "${ZIGSPARK_CUDA_ARCHS:-}" ]; then
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
+  case "$cap" in
+    9.0) export ZIGSPARK_CUDA_ARCHS=9.0a ;;
+    [0-9]*.[0-9]) export ZIGSPARK_CUDA_ARCHS="$cap+PTX" ;;
+  esac
+fi
+echo "=== ZIGSPARK_CUDA_ARCHS=${ZIGSPARK_CUDA_ARCHS:-default}" | tee -a "$log"
 step 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 step 60 "$PY" -m zigspark env
 if [ "$PART" = all ] || [ "$PART" = tests ]; then

@@ -1,6 +1,7 @@
 """Build tier: the CUDA extension was compiled, imports without a GPU and without torch, and fails
 clearly when asked to launch without one. Skipped (with the reason) only where nvcc is absent."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,10 +26,28 @@ def C():
     return _cuda.extension()
 
 
-def test_compiled_for_ampere_and_hopper_with_ptx(C):
+def _requested_archs(spec: str) -> list[str]:
+    """The names zigspark._C reports for a ZIGSPARK_CUDA_ARCHS spec such as '8.0+PTX;9.0a'."""
+    names = []
+    for item in filter(None, (s.strip() for s in spec.replace(",", ";").split(";"))):
+        ptx = item.upper().endswith("+PTX")
+        num = item[:-4] if ptx else item
+        num = num.replace("sm_", "").replace("compute_", "").replace(".", "")
+        names += [f"sm_{num}"] + ([f"compute_{num}"] if ptx else [])
+    return names
+
+
+def test_compiled_for_the_requested_archs(C):
+    """By default for Ampere and Hopper with PTX for newer GPUs; with ZIGSPARK_CUDA_ARCHS set (make
+    gpu-check builds for the GPU it runs on) exactly for what was asked."""
     archs = _cuda.compiled_archs()
+    spec = os.environ.get("ZIGSPARK_CUDA_ARCHS")
+    if spec:
+        assert archs == _requested_archs(spec), (spec, archs)
+        return
     assert "sm_80" in archs and "sm_90a" in archs, archs
     assert any(a.startswith("compute_") for a in archs), f"no PTX for forward compatibility in {archs}"
+    assert _requested_archs("8.0+PTX;9.0a") == ["sm_80", "compute_80", "sm_90a"]
 
 
 def test_imports_without_torch(C):
