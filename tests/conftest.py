@@ -10,11 +10,13 @@ Every test carries exactly one tier marker; `pytest -m <tier>` selects a tier.
 """
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from zigspark import _alloc, backends
+from zigspark import _alloc, _cuda, backends
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -59,3 +61,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+HAS_NVCC = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+
+
+@pytest.fixture(scope="session")
+def cuda_extension():
+    """zigspark._C for the build tier: a failure where nvcc exists but the extension did not build, a skip
+    (with the reason) where there is no nvcc."""
+    if not _cuda.is_built():
+        if HAS_NVCC:
+            pytest.fail(f"nvcc is installed but zigspark._C did not build or import: {_cuda.load_error()}")
+        pytest.skip("build tier: no nvcc on this machine, so the CUDA extension was not built")
+    return _cuda.extension()

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +13,9 @@ from zigspark import _cuda
 
 pytestmark = pytest.mark.build
 
-HAS_NVCC = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
-
-
 @pytest.fixture(scope="module")
-def C():
-    if not _cuda.is_built():
-        if HAS_NVCC:
-            pytest.fail(f"nvcc is installed but zigspark._C did not build or import: {_cuda.load_error()}")
-        pytest.skip("build tier: no nvcc on this machine, so the CUDA extension was not built")
-    return _cuda.extension()
+def C(cuda_extension):
+    return cuda_extension
 
 
 def _requested_archs(spec: str) -> list[str]:
