@@ -45,7 +45,7 @@ def _attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     h = bh % heads
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,7 +115,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
-    b = bhk // kv_heads
+    b = (bhk // kv_heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     hk = bhk % kv_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -169,7 +169,7 @@ def _attn_bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     h = bh % heads
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,7 +214,7 @@ def _attn_received_kernel(
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     h = bh % heads
     hk = h // group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

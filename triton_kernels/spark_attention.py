@@ -119,7 +119,7 @@ def _stats_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     h = bh % heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -163,7 +163,7 @@ def _fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     h = bh % heads
     rest = head_dim - r
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -217,7 +217,7 @@ def _delta_kernel(
     """Δ_i = dO_i·o_i, in fp32 from the stored o (flash attention's preprocessing)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     h = bh % heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -249,7 +249,7 @@ def _bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     h = bh % heads
     rest = head_dim - r
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -305,7 +305,7 @@ def _bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
     h = bh % heads
     rest = head_dim - r
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -424,11 +424,11 @@ void select_typed(const HipruneSelectArgs& a, const SelectParams& p, int threads
     hiprune_select_kernel<T, false><<<unsigned(a.batch), threads, 0, stream>>>(p);
   } else {
     auto kernel = hiprune_select_kernel<T, true>;
-    if (layout.bytes > 48 * 1024) {
-      cuda_check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.bytes)),
-                 "cudaFuncSetAttribute(hiprune_select shared memory)");
-    }
+    // Always opt in: without it the dynamic limit is 48 KB *minus the kernel's static shared memory*, so
+    // a test against 48 KB alone would let sizes just under it fail to launch.
+    cuda_check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.bytes)),
+               "cudaFuncSetAttribute(hiprune_select shared memory)");
     kernel<<<unsigned(a.batch), threads, size_t(layout.bytes), stream>>>(p);
   }
   check_launch("hiprune_select kernel launch");
