@@ -235,6 +235,8 @@ def test_gpu_cuda_selection_equals_reference():
     _cuda_matches_reference(torch.rand(3, 1, device="cuda"), torch.rand(3, 1, device="cuda"), (1, 1), 1)
     _compare_backends("cuda", torch.device("cuda"), [(1, 9), (9, 1), (3, 5), (7, 7), (6, 11), (13, 17),
                                                      (24, 24), (48, 60), (64, 64), (1, 577), (1, 4096)], batch=16)
+    # staged in shared memory just under 48 KB (N ≈ 5043–5359), where a launch without the opt-in fails
+    _compare_backends("cuda", torch.device("cuda"), [(72, 72), (73, 73)], batch=4)
 
 
 @pytest.mark.gpu
