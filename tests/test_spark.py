@@ -50,6 +50,20 @@ def test_spark_ffn_density_and_gradients():
 
 
 @pytest.mark.cpu
+def test_spark_ffn_sparse_op_opcheck_and_compiles_fullgraph():
+    K1, K2, V = ffn_params(dtype=torch.float32)
+    x = torch.randn(5, 32)
+    gate = zigspark.stat_topk(x[:, :8] @ K1.T, density=0.1)
+    torch.library.opcheck(torch.ops.zigspark.spark_ffn_sparse.default, (x, gate, K2, V, 8, "reference"))
+
+    def sparse(t):
+        return zigspark.spark_ffn(t, K1, K2, V, 0.1, sparse=True, backend="reference")
+
+    torch.testing.assert_close(torch.compile(sparse, fullgraph=True, backend="aot_eager")(x), sparse(x))
+    torch.testing.assert_close(sparse(x), zigspark.spark_ffn(x, K1, K2, V, 0.1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cpu
 def test_spark_ffn_module_paths_and_dense_equivalent():
     layer = SparkFFN(32, 256, density=0.1).eval()
     x = torch.randn(2, 5, 32)

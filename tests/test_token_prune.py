@@ -104,6 +104,22 @@ def test_prune_tokens_op_gradcheck_opcheck_repeats_and_integer_features():
 
 
 @pytest.mark.cpu
+def test_hiprune_select_op_opcheck_and_compiles_fullgraph():
+    g = torch.Generator().manual_seed(0)
+    obj, deep = torch.rand(3, 30, generator=g), torch.rand(3, 30, generator=g)
+    for always in (None, torch.tensor([4, 0])):
+        torch.library.opcheck(torch.ops.zigspark.hiprune_select.default,
+                              (obj, deep, 5, 6, 9, 2, False, always, "reference"))
+
+    def select(o, d):
+        return zigspark.hiprune_select(o, d, (5, 6), 9, alpha=1.0, always_keep=[4, 0], backend="reference")
+
+    assert torch.equal(torch.compile(select, fullgraph=True, backend="aot_eager")(obj, deep), select(obj, deep))
+    with pytest.raises(ValueError, match="NaN"):            # value checks run inside the op
+        torch.compile(select, fullgraph=True, backend="aot_eager")(torch.full_like(obj, float("nan")), deep)
+
+
+@pytest.mark.cpu
 def test_bad_inputs():
     obj, deep = torch.rand(2, 12), torch.rand(2, 12)
     cases = [

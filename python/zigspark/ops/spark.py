@@ -23,6 +23,7 @@ gathers them per token; Triton (triton_kernels/spark_ffn.py) masks inactive K2 r
 its loads; CUDA (csrc/spark_ffn) compacts each token's active neurons per slice of d_ff with warp ballots,
 gives each active neuron a warp for its K2 dot product (16-byte loads) and adds a·Vᵀ_i in fixed order, so
 it reads only the active rows and is deterministic. Both kernels read a Vᵀ copy cached until V changes.
+The sparse path is the custom op ``zigspark::spark_ffn_sparse`` (no autograd: it is for inference).
 
 Spark attention is registered as ``zigspark::spark_attention_fwd`` (→ out, lse of the kept predictor
 scores, θ, kept counts) and ``zigspark::spark_attention_bwd`` (→ dq, dk, dv; the mask carries no
@@ -83,36 +84,37 @@ def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, ba
     if not sparse:
         out = F.linear(F.gelu(gate) * F.linear(x[..., r:], K2), V)
         return (out, mask) if return_mask else out
-    if chosen == "cuda":
-        from ..cuda_ops import spark_ffn as cuda_ffn
-
-        with torch.no_grad():  # Vᵀ is cached across calls (cuda_ops.spark_ffn.transposed), not copied each time
-            out = cuda_ffn.spark_ffn_sparse(x.reshape(-1, x.shape[-1]), gate.reshape(-1, K1.shape[0]), K2,
-                                            cuda_ffn.transposed(V), r)
-        out = out.reshape(x.shape)
-        return (out, mask) if return_mask else out
-    if chosen == "triton":
-        from ..cuda_ops.spark_ffn import transposed
-        from ..triton_kernels.spark_ffn import spark_ffn_sparse
-
-        with torch.no_grad():  # the same cached Vᵀ as the CUDA path
-            flat = x.reshape(-1, x.shape[-1]).contiguous()
-            out = spark_ffn_sparse(flat, gate.reshape(-1, K1.shape[0]).contiguous(), K2.contiguous(),
-                                   transposed(V).contiguous(), r)
-        out = out.reshape(x.shape)
-        return (out, mask) if return_mask else out
     with torch.no_grad():
-        flat_x, flat_gate, flat_mask = x.reshape(-1, x.shape[-1]), gate.reshape(-1, K1.shape[0]), \
-            mask.reshape(-1, K1.shape[0])
-        out = torch.empty_like(flat_x)
-        for t in range(flat_x.shape[0]):          # one token at a time: gather the active neurons only
-            active = flat_mask[t].nonzero().squeeze(1)
-            a = F.gelu(flat_gate[t, active]) * (K2[active] @ flat_x[t, r:])
-            out[t] = V[:, active] @ a
-        out = out.reshape(x.shape)
+        out = spark_ffn_sparse(x.reshape(-1, x.shape[-1]).contiguous(), gate.reshape(-1, K1.shape[0]).contiguous(),
+                               K2, V, r, chosen).reshape(x.shape)
     return (out, mask) if return_mask else out
 
 
+@torch.library.custom_op("zigspark::spark_ffn_sparse", mutates_args=())
+def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, V: torch.Tensor, r: int,
+                     backend: str) -> torch.Tensor:
+    """Sparse inference: x (tokens, d_model), gate = stat_topk(K1·x[:r]) (tokens, d_ff), zero where a neuron
+    is inactive -> (tokens, d_model), from the active neurons' K2 rows and V columns only."""
+    if backend in ("cuda", "triton"):
+        from ..cuda_ops.spark_ffn import transposed   # Vᵀ cached across calls, not copied each time
+
+        if backend == "cuda":
+            from ..cuda_ops.spark_ffn import spark_ffn_sparse as kernel
+
+            return kernel(x, gate, K2, transposed(V), r)
+        from ..triton_kernels.spark_ffn import spark_ffn_sparse as kernel
+
+        return kernel(x, gate, K2.contiguous(), transposed(V).contiguous(), r)
+    out = torch.empty_like(x)
+    for t in range(x.shape[0]):                   # one token at a time: gather the active neurons only
+        active = (gate[t] > 0).nonzero().squeeze(1)
+        out[t] = V[:, active] @ (F.gelu(gate[t, active]) * (K2[active] @ x[t, r:]))
+    return out
+
+
+@spark_ffn_sparse.register_fake
+def _(x, gate, K2, V, r, backend):
+    return torch.empty_like(x)
 
 
 # ---- Spark attention: custom ops -----------------------------------------------------------------------

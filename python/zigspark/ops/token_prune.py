@@ -18,13 +18,16 @@ EViT-style), strategy="random" a uniform random subset.
 
 Backends: reference (vectorised PyTorch), Triton (one fused program per sample, N ≤ 4096) and CUDA
 (csrc/token_prune: one block per sample, radix select instead of sorts, any N; float32/16/bf16 scores). The
-baselines always run in PyTorch. prune_tokens (zigspark::prune_tokens_fwd / _bwd) runs torch.gather and a
-scatter on the reference backend, and the CUDA gather/scatter kernels (16-byte row copies; the backward
-stores into zeros, with atomics only when an index repeats within a sample) on the cuda backend. `auto`
+baselines always run in PyTorch. The selection is the custom op zigspark::hiprune_select (its value checks
+run inside it, so a caller compiles with fullgraph=True). prune_tokens (zigspark::prune_tokens_fwd / _bwd)
+runs torch.gather and scatter_add on the reference backend, and the CUDA gather/scatter kernels (16-byte row
+copies; the backward adds into zeros with atomics, since indices may repeat) on the cuda backend. `auto`
 keeps torch.gather first until a benchmark shows the kernel ahead.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -81,8 +84,6 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
         raise ValueError(f"keep must be an int with 1 <= keep <= N = {n}, got {keep!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if torch.isnan(obj_scores).any() or torch.isnan(deep_scores).any():
-        raise ValueError("obj_scores / deep_scores contain NaN; scores must be finite (check the attention maps)")
     device = check_same_device(obj_scores=obj_scores, deep_scores=deep_scores)
     # the kernels read both rows in one dtype: the wider of the two decides what a backend must support
     chosen = backends.resolve("hiprune_select", backend, device, torch.promote_types(obj_scores.dtype,
@@ -92,14 +93,13 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
         noise = torch.rand(batch, n, generator=generator, device="cpu" if generator is None else generator.device)
         return torch.sort(torch.topk(noise.to(device), keep, dim=1).indices, dim=1).values
     if strategy == "attention":
+        _check_finite(obj_scores, deep_scores)
         return torch.sort(_descending_rank(deep_scores)[0][:, :keep], dim=1).values
 
     n_anchor = min(n, max(1, round(keep * alpha / 5)))
     always = None
     if always_keep is not None:
         always = torch.as_tensor(always_keep, device=device).long().reshape(-1)
-        if always.numel() and (always.min() < 0 or always.max() >= n):
-            raise ValueError(f"always_keep indices must be in [0, {n}), got {always.tolist()}")
         if always.numel() > keep:
             raise ValueError(f"always_keep has {always.numel()} indices but keep is {keep}")
     if chosen == "triton" and n > TRITON_MAX_N:
@@ -108,16 +108,34 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
                              "use backend='reference'")
         chosen = "reference"
         backends.record("hiprune_select", chosen)
-    if chosen == "cuda" and strategy == "hiprune":
+    return hiprune_select_op(obj_scores, deep_scores, h, w, keep, n_anchor, wrap_rows, always, chosen)
+
+
+def _check_finite(obj_scores, deep_scores):
+    if torch.isnan(obj_scores).any() or torch.isnan(deep_scores).any():
+        raise ValueError("obj_scores / deep_scores contain NaN; scores must be finite (check the attention maps)")
+
+
+@torch.library.custom_op("zigspark::hiprune_select", mutates_args=())
+def hiprune_select_op(obj_scores: torch.Tensor, deep_scores: torch.Tensor, h: int, w: int, keep: int,
+                      n_anchor: int, wrap_rows: bool, always: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    """The HiPrune selection (module docstring) -> (batch, keep) int64 ascending. The value checks (NaN
+    scores, always_keep in range) live here, where the values are, so that callers can be compiled."""
+    _check_finite(obj_scores, deep_scores)
+    batch, n = obj_scores.shape
+    if always is not None and always.numel() and (always.min() < 0 or always.max() >= n):
+        raise ValueError(f"always_keep indices must be in [0, {n}), got {always.tolist()}")
+    if backend == "cuda":
         from ..cuda_ops.token_prune import hiprune_select as kernel
 
         return kernel(obj_scores, deep_scores, (h, w), keep, n_anchor, wrap_rows, always)
-    if chosen == "triton" and strategy == "hiprune":
+    if backend == "triton":
         from ..triton_kernels.token_prune import hiprune_select as kernel
 
         return kernel(obj_scores, deep_scores, (h, w), keep, n_anchor, wrap_rows, always)
 
     # priority key per token: tier·stride + rank inside the tier; the keep smallest keys win
+    device = obj_scores.device
     stride = 4 * n + 4
     _, deep_rank = _descending_rank(deep_scores)
     key = 3 * stride + deep_rank                                           # registers
@@ -130,8 +148,13 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
     if always is not None:
         key = key.scatter_reduce(1, always.expand(batch, -1), torch.arange(always.numel(), device=device)
                                  .expand(batch, -1), reduce="amin")
-    chosen = torch.sort(key, dim=1, stable=True).indices[:, :keep]
-    return torch.sort(chosen, dim=1).values
+    kept = torch.sort(key, dim=1, stable=True).indices[:, :keep]
+    return torch.sort(kept, dim=1).values
+
+
+@hiprune_select_op.register_fake
+def _(obj_scores, deep_scores, h, w, keep, n_anchor, wrap_rows, always, backend):
+    return obj_scores.new_empty((obj_scores.shape[0], keep), dtype=torch.int64)
 
 
 @torch.library.custom_op("zigspark::prune_tokens_fwd", mutates_args=())
