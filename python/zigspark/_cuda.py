@@ -81,5 +81,10 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def device_index(t: torch.Tensor) -> int:
+    """The CUDA device a tensor lives on (a CUDA tensor's device always carries its index)."""
+    return t.device.index
+
+
 def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream

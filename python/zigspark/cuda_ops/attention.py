@@ -13,13 +13,10 @@ import torch
 
 from .. import _cuda
 from .._alloc import new_output, new_output_like
+from ..validation import last_dim_contiguous
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def _strides(prefix: str, t: torch.Tensor | None) -> dict:
@@ -32,14 +29,14 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     lse is computed (no P·V)."""
     if q.dtype not in DTYPES:
         raise TypeError(f"CUDA attention takes float16, bfloat16 or float32, got {q.dtype}")
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"CUDA attention takes head_dim 1..{MAX_HEAD_DIM}, got {head_dim}")
     lse = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     if need_out:
-        v = _last_dim_contiguous(v)
+        v = last_dim_contiguous(v)
         out = new_output_like(q)
     else:
         v = out = None
@@ -47,6 +44,6 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
         q=_cuda.ptr(q), k=_cuda.ptr(k), v=_cuda.ptr(v), out=_cuda.ptr(out), lse=_cuda.ptr(lse),
         batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("out", out),
-        scale=float(scale), causal=bool(causal), dtype=_cuda.dtype_code(q.dtype), device=q.device.index or 0,
+        scale=float(scale), causal=bool(causal), dtype=_cuda.dtype_code(q.dtype), device=_cuda.device_index(q),
         stream=_cuda.stream_of(q))
     return out, lse

@@ -22,7 +22,7 @@ def _common(x: torch.Tensor, weight: torch.Tensor, silu: bool, order_params, ord
     batch, dim, length = x.shape
     order, index = order_kwargs(order_params, order_index, length)
     args = dict(batch=batch, dim=dim, length=length, width=weight.shape[1], dtype=_cuda.dtype_code(x.dtype),
-                silu=bool(silu), device=x.device.index or 0, stream=_cuda.stream_of(x), **order)
+                silu=bool(silu), device=_cuda.device_index(x), stream=_cuda.stream_of(x), **order)
     return args, index
 
 

@@ -25,7 +25,7 @@ def _common(u, A, B, C, order_params, order_index):
     order, index = order_kwargs(order_params, order_index, length)
     args = dict(batch=batch, dim=dim, length=length, dstate=A.shape[1], groups=groups,
                 chunks=-(-length // chunk()), b_mode=BC_MODES[B.dim()], c_mode=BC_MODES[C.dim()],
-                dtype=_cuda.dtype_code(u.dtype), device=u.device.index or 0, stream=_cuda.stream_of(u), **order)
+                dtype=_cuda.dtype_code(u.dtype), device=_cuda.device_index(u), stream=_cuda.stream_of(u), **order)
     return args, index
 
 

@@ -17,6 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _cuda
 from .._alloc import new_output
+from ..validation import last_dim_contiguous
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,7 +52,7 @@ def transposed(V: torch.Tensor) -> torch.Tensor:
 def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.dim() != 2:
         raise ValueError(f"spark_ffn (cuda): {name} must be 2-D, got shape {tuple(t.shape)}")
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    return last_dim_contiguous(t)
 
 
 def slices_for(tokens: int, d_ff: int, device: torch.device) -> int:
@@ -88,5 +89,5 @@ def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: 
         partial=_cuda.ptr(partial), tokens=tokens, d_model=d_model, d_ff=d_ff, r=int(r),
         x_row_stride=x.stride(0), gate_row_stride=gate.stride(0), k2_row_stride=K2.stride(0),
         vt_row_stride=VT.stride(0), out_row_stride=out.stride(0), slices=n, dtype=_cuda.dtype_code(x.dtype),
-        device=x.device.index or 0, stream=_cuda.stream_of(x))
+        device=_cuda.device_index(x), stream=_cuda.stream_of(x))
     return out

@@ -15,13 +15,10 @@ import torch
 
 from .. import _cuda
 from .._alloc import new_output
+from ..validation import last_dim_contiguous
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, always_keep, force_workspace=False):
@@ -34,7 +31,7 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, alw
         obj_scores, deep_scores = obj_scores.float(), deep_scores.float()
     obj, deep = obj_scores.contiguous(), deep_scores.contiguous()
     batch, n = obj.shape
-    device = _device_index(obj)
+    device = _cuda.device_index(obj)
     ext = _cuda.extension()
     out = new_output((batch, keep), torch.int64, obj.device)
     always = (always_keep if always_keep is not None else torch.empty(0, dtype=torch.int64)).to(
@@ -50,10 +47,6 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, alw
     return out
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def _check(x: torch.Tensor, index: torch.Tensor):
     if x.dtype not in GATHER_DTYPES:
         raise TypeError(f"CUDA prune_tokens takes float32, float16, bfloat16 or float64, got {x.dtype}")
@@ -64,14 +57,14 @@ def prune_tokens_fwd(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (batch, N, C) (a batch stride of 0 is fine: expanded positions), index (batch, keep) in [0, N)
     -> (batch, keep, C) contiguous, out[b, j] = x[b, index[b, j]]."""
     index = _check(x, index)
-    x = _rows(x)
+    x = last_dim_contiguous(x)
     batch, n, c = x.shape
     keep = index.shape[1]
     out = new_output((batch, keep, c), x.dtype, x.device)
     _cuda.extension().prune_tokens_forward(
         x=_cuda.ptr(x), index=_cuda.ptr(index), out=_cuda.ptr(out), batch=batch, tokens=n, keep=keep, channels=c,
         x_batch_stride=x.stride(0), x_row_stride=x.stride(1), out_batch_stride=out.stride(0),
-        out_row_stride=out.stride(1), dtype=_cuda.dtype_code(x.dtype), device=_device_index(x),
+        out_row_stride=out.stride(1), dtype=_cuda.dtype_code(x.dtype), device=_cuda.device_index(x),
         stream=_cuda.stream_of(x))
     return out
 
@@ -80,12 +73,12 @@ def prune_tokens_bwd(grad_out: torch.Tensor, index: torch.Tensor, tokens: int, u
     """grad_out (batch, keep, C) -> grad_x (batch, tokens, C): grad_x[b, index[b, j]] += grad_out[b, j], zeros
     elsewhere. unique=True promises each index at most once per sample (plain stores); otherwise atomics."""
     index = _check(grad_out, index)
-    grad_out = _rows(grad_out)
+    grad_out = last_dim_contiguous(grad_out)
     batch, keep, c = grad_out.shape
     grad_x = torch.zeros(batch, tokens, c, dtype=grad_out.dtype, device=grad_out.device)
     _cuda.extension().prune_tokens_backward(
         grad_out=_cuda.ptr(grad_out), index=_cuda.ptr(index), grad_x=_cuda.ptr(grad_x), batch=batch, tokens=tokens,
         keep=keep, channels=c, grad_out_batch_stride=grad_out.stride(0), grad_out_row_stride=grad_out.stride(1),
         grad_x_batch_stride=grad_x.stride(0), grad_x_row_stride=grad_x.stride(1), unique_index=bool(unique),
-        dtype=_cuda.dtype_code(grad_out.dtype), device=_device_index(grad_out), stream=_cuda.stream_of(grad_out))
+        dtype=_cuda.dtype_code(grad_out.dtype), device=_cuda.device_index(grad_out), stream=_cuda.stream_of(grad_out))
     return grad_x
