@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .precision import compute_dtype
 
 
 def _heads(q, k, v=None):

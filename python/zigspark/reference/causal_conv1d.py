@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..orders import inverse
-from .selective_scan import compute_dtype, permute_steps
+from .precision import compute_dtype
+from .selective_scan import permute_steps
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False,

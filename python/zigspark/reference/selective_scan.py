@@ -32,10 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import compute_dtype
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def expand_bc(M: torch.Tensor, batch: int, dim: int) -> torch.Tensor:

@@ -37,9 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .precision import compute_dtype
 
 
 def visible_counts(seqlen_q: int, seqlen_k: int, causal: bool, device) -> torch.Tensor:
