@@ -83,6 +83,34 @@ def test_reference_in_channel_blocks_matches_sequential_loop(bc, groups, monkeyp
 
 
 @cpu
+def test_reference_work_tensors_are_not_shared_with_outputs_or_threads():
+    """The reference keeps its block work tensors between calls (per thread): no output may alias them, and
+    scans running at the same time on two threads must not see each other's."""
+    import threading
+
+    inputs = [make_inputs(batch=1, dim=16, length=600, n=8, seed=s) for s in range(4)]
+    expected = [naive_scan(**x, delta_softplus=True)[0] for x in inputs]
+    first = zigspark.selective_scan(**inputs[0], delta_softplus=True, backend="reference")
+    zigspark.selective_scan(**inputs[1], delta_softplus=True, backend="reference")
+    assert max_abs_err(first, expected[0]) < 1e-10
+
+    results, barrier = {}, threading.Barrier(2)
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(10):
+            results[i] = zigspark.selective_scan(**inputs[i], delta_softplus=True, backend="reference")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (2, 3):
+        assert max_abs_err(results[i], expected[i]) < 1e-10
+
+
+@cpu
 @pytest.mark.parametrize("bc", ["constant", "variable"])
 def test_float32_within_mamba_ssm_tolerance(bc):
     x = make_inputs(length=300, bc=bc, dtype=torch.float32)
