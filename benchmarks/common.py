@@ -81,7 +81,8 @@ def time_ms(fn, inputs: list, device: torch.device) -> float:
         return float(triton.testing.do_bench(call, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0])
     from torch.utils import benchmark
 
-    timer = benchmark.Timer(stmt="call()", globals={"call": call})
+    # Timer runs on one thread unless told otherwise; time with the threads the provenance records.
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=0.3).median * 1e3
 
 
