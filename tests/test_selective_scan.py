@@ -182,24 +182,36 @@ def test_gradcheck_float64_all_inputs(bc):
 
 
 @cpu
+@pytest.mark.parametrize("blocks", ["whole", "split"])
 @pytest.mark.parametrize("bc", ["constant", "variable", "grouped"])
-def test_closed_form_backward_matches_autograd_across_chunks(bc):
-    """L = 77 spans three chunks of the reference scan (gradcheck above stays inside one); the closed form
-    is checked against autograd of the step-by-step oracle run on inputs gathered into the order."""
+@pytest.mark.parametrize("extras", [True, False])
+def test_closed_form_backward_matches_autograd_across_chunks(bc, blocks, extras, monkeypatch):
+    """L = 77 spans ten padded chunks of the reference scan (gradcheck above stays inside one); the closed
+    form is checked against autograd of the step-by-step oracle run on inputs gathered into the order, with
+    all channels in one block and in blocks of two (one group), with and without z, D, delta_bias and
+    ∂last_state."""
     from zigspark.reference import selective_scan as ref
 
-    x = make_inputs(batch=2, dim=4, length=77, n=5, bc=bc, groups=2)
+    if blocks == "split":
+        monkeypatch.setattr(ref, "_BLOCK_ELEMENTS", 2 * 80 * 5 * 2)          # two channels per block
+        assert len(ref._channel_blocks(2, 4, 80, 5, 2 if bc == "grouped" else 1)) == 2
+    x = make_inputs(batch=2, dim=4, length=77, n=5, bc=bc, groups=2, with_z=extras, with_d=extras,
+                    with_bias=extras)
     names = list(x)
     index = orders.zigzag(7, 11, 6).indices()
     leaves = {k: None if v is None else v.clone().requires_grad_(True) for k, v in x.items()}
-    in_order = {k: v.index_select(-1, index) if k in ("u", "delta", "z") or (k in "BC" and v.dim() > 2) else v
+    in_order = {k: v.index_select(-1, index) if v is not None and (k in ("u", "delta", "z")
+                                                                    or (k in "BC" and v.dim() > 2)) else v
                 for k, v in leaves.items()}
     y, last = naive_scan(**in_order, delta_softplus=True)
     out = y.index_select(-1, orders.inverse(index))
     dout, dlast = torch.randn_like(out), torch.randn_like(last)
     present = [k for k in names if leaves[k] is not None]
-    auto = dict(zip(present, torch.autograd.grad((out, last), [leaves[k] for k in present], (dout, dlast))))
-    closed = dict(zip(names, ref.selective_scan_backward(dout, dlast, **x, delta_softplus=True, order_index=index)))
+    wrt = (out, last) if extras else out
+    auto = dict(zip(present, torch.autograd.grad(wrt, [leaves[k] for k in present], (dout, dlast) if extras
+                                                 else dout)))
+    closed = dict(zip(names, ref.selective_scan_backward(dout, dlast if extras else None, **x, delta_softplus=True,
+                                                         order_index=index)))
     for k in present:
         assert max_abs_err(closed[k], auto[k]) < 1e-9 * max(1.0, auto[k].abs().max().item()), k
 

@@ -24,10 +24,10 @@ a loop of T steps runs all chunks at once from a zero state, keeping only the ru
 chunk's end state; a loop over the chunks carries the state across chunk boundaries (the decay through a
 whole chunk is exp(A·Σ_chunk Δ)); and a second loop of T steps rescans every chunk in place from the state
 carried into it. That is 2T + L/T Python steps instead of L, with one exp per state element, as in the loop.
-Wide inputs go a block of channels at a time, which bounds the two work tensors, and the work
-tensors are kept per thread between calls: a fresh multi-megabyte CPU allocation is a fresh mapping whose
-pages fault in again on every call. The backward materialises the states once and runs the adjoint the
-same way, backwards.
+Wide inputs go a block of channels at a time, which bounds the block-sized work tensors, and they
+are kept per thread between calls: a fresh multi-megabyte CPU allocation is a fresh mapping whose
+pages fault in again on every call. The backward, also a block of channels at a time, recomputes a_t and
+the states the same way and runs the adjoint ∂h through the same two passes, backwards.
 """
 
 from __future__ import annotations
@@ -182,44 +182,81 @@ def _bc_block(M: torch.Tensor, d0: int, d1: int, dim: int) -> torch.Tensor:
     return M[:, d0 // per_group:d1 // per_group]
 
 
+def _blocks_for(lay: ChunkLayout, dim: int, n: int, B: torch.Tensor, C: torch.Tensor):
+    per_group = max((dim // M.shape[1] for M in (B, C) if M.dim() == 4), default=1)
+    return _channel_blocks(lay.batch, dim, lay.steps * lay.chunks, n, per_group)
+
+
 def scan_outputs(lay: ChunkLayout, delta: torch.Tensor, A: torch.Tensor, u: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor):
     """y_t = C_t·h_t for all t, (batch, dim, L) in raster order, and the final state (batch, dim, N), without
     materialising every state at once. Inputs in raster order; the layout applies the scan order."""
-    batch, dim, length = u.shape
-    per_group = max((dim // M.shape[1] for M in (B, C) if M.dim() == 4), default=1)
-    blocks = _channel_blocks(batch, dim, lay.steps * lay.chunks, A.shape[1], per_group)
+    dim = u.shape[1]
     ys, states = zip(*(_scan_block(lay, delta[:, d0:d1], A[d0:d1], u[:, d0:d1], _bc_block(B, d0, d1, dim),
-                                   _bc_block(C, d0, d1, dim)) for d0, d1 in blocks))
+                                   _bc_block(C, d0, d1, dim)) for d0, d1 in _blocks_for(lay, dim, A.shape[1], B, C)))
     y = ys[0] if len(ys) == 1 else torch.cat(ys, -1)                     # (T, chunks, batch, dim)
     return lay.unscalars(y), torch.cat(states, -1).permute(1, 2, 0).contiguous()
 
 
-def _scan_block(lay: ChunkLayout, delta, A, u, B, C):
-    """One block of channels: (y in the layout (T, chunks, batch, d), final state (N, batch, d)).
+def _log2_decay(A: torch.Tensor) -> torch.Tensor:
+    """A·log₂e as (1, N, 1, 1, d), d contiguous: exp(Δ·A) is then exp2(Δ·that), which is cheaper on CPU."""
+    return (A.t() * _LOG2E).contiguous()[None, :, None, None, :]
 
-    exp(x) is taken as exp2(x·log₂e), which is cheaper on CPU, with log₂e folded into A.
+
+def _states(lay: ChunkLayout, dlt, A2, bu, B_l):
+    """(a, h, last_state): a_t = exp(Δ_t·A) and the states h_t of every step, (T, N, chunks, batch, d) in the
+    work tensors 0 and 1, and the state after the last step, (N, batch, d).
+
+    Two passes of T steps: the first runs every chunk from a zero state and keeps only the running state,
+    which gives each chunk's end state; a loop over chunks turns those into the state carried into each
+    chunk (the decay through a whole chunk is exp(A·Σ_chunk Δ)); the second rescans every chunk in place
+    from its carried-in state.
     """
-    dim, n = u.shape[1], A.shape[1]
-    A_t = (A.t() * _LOG2E).contiguous()[None, :, None, None, :]         # (1, N, 1, 1, d), d contiguous
-    dlt = lay.scalars(delta)                                             # (T, 1, nc, b, d)
-    shape = (lay.steps, n, lay.chunks, lay.batch, dim)
-    a = torch.mul(dlt, A_t, out=_work_tensor(0, shape, dlt)).exp2_()    # a_t = exp(Δ_t·A)
-    h = torch.mul(lay.scalars(delta * u), lay.bc(B, dim), out=_work_tensor(1, shape, dlt))  # b_t, scanned below
+    shape = (lay.steps, A2.shape[1], lay.chunks, lay.batch, dlt.shape[-1])
+    a = torch.mul(dlt, A2, out=_work_tensor(0, shape, dlt)).exp2_()
+    h = torch.mul(bu, B_l, out=_work_tensor(1, shape, dlt))              # b_t = Δ_t·B_t·u_t, scanned below
     h_steps, a_steps = h.unbind(0), a.unbind(0)
-    end = h_steps[0].clone()                                             # every chunk from a zero state
+    end = h_steps[0].clone()
     for t in range(1, lay.steps):
         torch.addcmul(h_steps[t], a_steps[t], end, out=end)
-    chunk_decay = torch.mul(dlt.sum(0), A_t[0]).exp2_()                  # (N, nc, b, d): Π a_t over a chunk
+    through = torch.mul(dlt.sum(0), A2[0]).exp2_()                       # (N, nc, b, d): Π_t a_t of a chunk
     carry = torch.zeros_like(end)                                        # state entering each chunk
-    ends, chunk_decays, carries = end.unbind(1), chunk_decay.unbind(1), carry.unbind(1)
+    ends, throughs, carries = end.unbind(1), through.unbind(1), carry.unbind(1)
     for c in range(1, lay.chunks):
-        torch.addcmul(ends[c - 1], chunk_decays[c - 1], carries[c - 1], out=carries[c])
-    last_state = torch.addcmul(ends[-1], chunk_decays[-1], carries[-1])  # (N, b, d)
-    h_steps[0].addcmul_(a_steps[0], carry)                               # rescan from the carried-in state
+        torch.addcmul(ends[c - 1], throughs[c - 1], carries[c - 1], out=carries[c])
+    last_state = torch.addcmul(ends[-1], throughs[-1], carries[-1])
+    h_steps[0].addcmul_(a_steps[0], carry)
     for t in range(1, lay.steps):
         h_steps[t].addcmul_(a_steps[t], h_steps[t - 1])
-    return h.mul_(lay.bc(C, dim)).sum(1), last_state                      # Σ_n C_t·h_t
+    return a, h, last_state
+
+
+def _adjoints_(lay: ChunkLayout, a, dlt, A2, dh, dlast):
+    """In place, dh = g_t·C_t becomes ∂h_t = g_t·C_t + a_{t+1}·∂h_{t+1}, with ∂last_state (N, batch, d) or None
+    entering after the final step: the scan of _states run backwards. Padded steps (a = 1, g = 0) carry
+    ∂last_state unchanged down to the real last step."""
+    dh_steps, a_steps = dh.unbind(0), a.unbind(0)
+    start = dh_steps[-1].clone()                                         # every chunk from a zero adjoint
+    for t in range(lay.steps - 2, -1, -1):
+        torch.addcmul(dh_steps[t], a_steps[t + 1], start, out=start)
+    through = torch.mul(dlt[1:].sum(0), A2[0]).exp2_()                   # Π_{t ≥ 1} a_t of a chunk
+    incoming = torch.zeros_like(start)                                   # a_{t+1}·∂h_{t+1} from the next chunk
+    starts, throughs, firsts, incomings = start.unbind(1), through.unbind(1), a[0].unbind(1), incoming.unbind(1)
+    if dlast is not None:
+        incomings[-1].copy_(dlast)
+    for c in range(lay.chunks - 2, -1, -1):
+        torch.mul(firsts[c + 1], torch.addcmul(starts[c + 1], throughs[c + 1], incomings[c + 1]), out=incomings[c])
+    dh_steps[-1].add_(incoming)
+    for t in range(lay.steps - 2, -1, -1):
+        dh_steps[t].addcmul_(a_steps[t + 1], dh_steps[t + 1])
+    return dh
+
+
+def _scan_block(lay: ChunkLayout, delta, A, u, B, C):
+    """One block of channels: (y in the layout (T, chunks, batch, d), final state (N, batch, d))."""
+    dim = u.shape[1]
+    _, h, last_state = _states(lay, lay.scalars(delta), _log2_decay(A), lay.scalars(delta * u), lay.bc(B, dim))
+    return h.mul_(lay.bc(C, dim)).sum(1), last_state                     # Σ_n C_t·h_t
 
 
 @torch.no_grad()
@@ -239,91 +276,82 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return y.to(u.dtype), last_state
 
 
+def _backward_block(lay: ChunkLayout, g, dlast, u, pre, delta, A, B, C, D, z, delta_softplus):
+    """Gradients of one block of channels; raster-order inputs of those channels (B and C restricted to
+    them), g = ∂out. Returns (du, ddelta, dA, dB, dC, dD, dz) for the block, None for absent inputs; dB and
+    dC are the block's share when B and C are shared by all channels."""
+    dim = u.shape[1]
+    A2, dlt, bu = _log2_decay(A), lay.scalars(delta), lay.scalars(delta * u)
+    B_l, C_l = lay.bc(B, dim), lay.bc(C, dim)
+    a, h, _ = _states(lay, dlt, A2, bu, B_l)
+    dz = dD = None
+    if z is not None:                                                    # out = y·silu(z)
+        y = lay.unscalars(torch.mul(h, C_l, out=_work_tensor(2, h.shape, h)).sum(1))
+        if D is not None:
+            y.addcmul_(D[:, None], u)
+        sig = torch.sigmoid(z)
+        dz = g * y * sig * (1 + z * (1 - sig))
+        g = g * z * sig
+    g_t = lay.scalars(g)
+    dh = _adjoints_(lay, a, dlt, A2, torch.mul(g_t, C_l, out=_work_tensor(2, h.shape, h)), dlast)
+    # a_t·h_{t−1} = h_t − b_t, so ∂a_t·a_t = ∂h_t·(h_t − b_t) needs no shifted copy of the states (the
+    # difference is off by at most b_t's rounding); a's memory is free once the adjoints are done.
+    da_a = torch.mul(bu, B_l, out=a)
+    torch.sub(h, da_a, out=da_a).mul_(dh)
+    dC = lay.reduce_bc(h.mul_(g_t), C)                                   # ∂C_t = Σ g_t·h_t
+    dA = torch.mul(da_a, dlt, out=h).sum((0, 2, 3)).t()                  # ∂A = Σ_t ∂a_t·a_t·Δ_t
+    ddelta_t = torch.mul(da_a, A.t().contiguous()[None, :, None, None, :], out=h).sum(1, keepdim=True)
+    dh_B = torch.mul(dh, B_l, out=h).sum(1, keepdim=True)                # Σ_n ∂h_t·B_t
+    dB = lay.reduce_bc(dh.mul_(bu), B)                                   # ∂B_t = Σ ∂h_t·Δ_t·u_t
+    du = lay.unscalars(dh_B * dlt)
+    ddelta = lay.unscalars(ddelta_t.add_(dh_B * lay.scalars(u)))
+    if D is not None:
+        du.addcmul_(D[:, None], g)
+        dD = (g * u).sum((0, 2))
+    if delta_softplus:
+        ddelta.mul_(torch.sigmoid(pre))
+    return du, ddelta, dA, dB, dC, dD, dz
+
+
 def selective_scan_backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             order_index: torch.Tensor | None = None, chunk: int | None = None):
     """Closed-form gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) — None for absent inputs —
     by recomputing the forward states (the formulas at the top of this file).
 
-    In the forward's chunked layout: the states h_t are materialised once; the adjoint ∂h runs backwards
-    the same way — a loop over T for all chunks at once from a zero adjoint, a loop over chunks for the
-    adjoint entering each chunk from the right, and the fix-up ∂h_t += (Π_{s>t in chunk} a_s)·carry.
+    A block of channels at a time, in the forward's chunked layout: _states recomputes a_t and h_t, and
+    _adjoints_ runs the adjoint ∂h the same two-pass way, backwards.
     """
     acc, u_, pre, delta_, B_, C_ = _inputs(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u_.shape
     lay = ChunkLayout(batch, length, chunk, order_index, u.device)
-    A_t = A.to(acc).t()[None, :, None, None, :]                          # (1, N, 1, 1, d)
-    dlt, u_t = lay.scalars(delta_), lay.scalars(u_)                      # (T, 1, nc, b, d)
-    B_t, C_t = lay.bc(B_, dim), lay.bc(C_, dim)
-    a = torch.exp(dlt * A_t)                                             # (T, N, nc, b, d)
-    bu = dlt * u_t
-
-    # forward states: local scan of every chunk, then the state carried into each chunk
-    states, decay = torch.empty_like(a), torch.empty_like(a)    # decay: Π_{s≤t in chunk} a_s (cumprod is slower)
-    torch.mul(bu[0], _pick(B_t, 0), out=states[0])
-    decay[0] = a[0]
-    for t in range(1, lay.steps):
-        torch.addcmul(bu[t] * _pick(B_t, t), a[t], states[t - 1], out=states[t])
-        torch.mul(decay[t - 1], a[t], out=decay[t])
-    carry = [torch.zeros_like(states[0, :, 0])]
-    for c in range(lay.chunks - 1):
-        carry.append(torch.addcmul(states[-1, :, c], decay[-1, :, c], carry[-1]))
-    states.addcmul_(decay, torch.stack(carry, dim=1))                    # h_t
-    del decay
-
-    g = dout.to(acc)
-    dz = None
-    if z is not None:
-        z_ = z.to(acc)
-        y = lay.unscalars((states * C_t).sum(1))
-        if D is not None:
-            y = y + D.to(acc)[:, None] * u_
-        sig = torch.sigmoid(z_)
-        dz = g * y * sig * (1 + z_ * (1 - sig))
-        g = g * z_ * sig
-    g_t = lay.scalars(g)
-
-    # adjoint ∂h_t = g_t·C_t + a_{t+1}·∂h_{t+1}, backwards
-    dh = torch.empty_like(a)
-    torch.mul(g_t[-1], _pick(C_t, lay.steps - 1), out=dh[-1])
-    dlast_t = None if dlast is None else dlast.to(acc).permute(2, 0, 1)  # (N, b, d)
-    if dlast_t is not None and lay.pad == 0:
-        dh[-1, :, -1] += dlast_t
-    for t in range(lay.steps - 2, -1, -1):
-        torch.addcmul(g_t[t] * _pick(C_t, t), a[t + 1], dh[t + 1], out=dh[t])
-        if dlast_t is not None and lay.pad and t == (length - 1) % lay.steps:
-            dh[t, :, -1] += dlast_t
-    after = torch.empty_like(a)                                          # Π_{s>t in chunk} a_s
-    after[-1] = 1
-    for t in range(lay.steps - 2, -1, -1):
-        torch.mul(after[t + 1], a[t + 1], out=after[t])
-    carry = [torch.zeros_like(dh[0, :, 0])]                              # adjoint entering chunk c from c+1
-    for c in range(lay.chunks - 1, 0, -1):
-        carry.append(a[0, :, c] * torch.addcmul(dh[0, :, c], after[0, :, c], carry[-1]))
-    dh.addcmul_(after, torch.stack(carry[::-1], dim=1))
-    del after
-
-    h_prev = torch.empty_like(states)                                    # h_{t−1}, zero before the first step
-    h_prev[1:] = states[:-1]
-    h_prev[0, :, 1:] = states[-1, :, :-1]
-    h_prev[0, :, 0] = 0
-    da_a = h_prev.mul_(a).mul_(dh)                                       # ∂a_t·a_t
-    dh_B = (dh * B_t).sum(1, keepdim=True)                               # Σ_n ∂h_t·B_t  (T, 1, nc, b, d)
-    ddelta_t = (da_a * A_t).sum(1, keepdim=True) + dh_B * u_t
-    du_t = dh_B * dlt
-    dA = (da_a * dlt).sum((0, 2, 3)).t()
-    dB = lay.reduce_bc(dh.mul_(bu), B)
-    dC = lay.reduce_bc(states.mul_(g_t), C)
-    ddelta_, du_ = lay.unscalars(ddelta_t), lay.unscalars(du_t)
-    dD = None
-    if D is not None:
-        du_ = du_ + D.to(acc)[:, None] * g
-        dD = (g * u_).sum((0, 2))
-    if delta_softplus:
-        ddelta_ = ddelta_ * torch.sigmoid(pre)
+    g, A_, D_ = dout.to(acc), A.to(acc), None if D is None else D.to(acc)
+    z_ = None if z is None else z.to(acc)
+    dlast_ = None if dlast is None else dlast.to(acc).permute(2, 0, 1)  # (N, b, d)
+    parts = []
+    for d0, d1 in _blocks_for(lay, dim, A.shape[1], B_, C_):
+        raster = lambda t: None if t is None else t[:, d0:d1]  # noqa: E731   (batch, channels, L) inputs
+        parts.append(_backward_block(
+            lay, raster(g), None if dlast_ is None else dlast_[..., d0:d1], raster(u_), raster(pre),
+            raster(delta_), A_[d0:d1], _bc_block(B_, d0, d1, dim), _bc_block(C_, d0, d1, dim),
+            None if D_ is None else D_[d0:d1], raster(z_), delta_softplus))
+    du_, ddelta_, dA, dB, dC, dD, dz = zip(*parts)
+    du_, ddelta_, dz = (_join(p, 1) for p in (du_, ddelta_, dz))        # per channel
+    dA, dD = _join(dA, 0), _join(dD, 0)
+    dB, dC = (_join(p, 0 if M.dim() == 2 else 1, shared=M.dim() == 3) for p, M in ((dB, B_), (dC, C_)))
     dbias = ddelta_.sum((0, 2)) if delta_bias is not None else None
     cast = lambda grad, like: None if like is None else grad.to(like.dtype).contiguous()  # noqa: E731
     return (cast(du_, u), cast(ddelta_, delta), cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), cast(dz, z),
             cast(dbias, delta_bias))
+
+
+def _join(parts: tuple, dim: int, shared: bool = False):
+    """Per-block gradients -> one: concatenated along their channel (or group) dimension, or summed for a
+    B or C shared by all channels."""
+    if parts[0] is None:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return torch.stack(parts).sum(0) if shared else torch.cat(parts, dim)
 
 
 def sequential_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
