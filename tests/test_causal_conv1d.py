@@ -41,6 +41,14 @@ def test_causal_conv1d_matches_loop_along_orders(width, activation):
     expected = naive_conv(x[..., idx], weight, bias, activation is not None)[..., orders.inverse(idx)]
     assert max_abs_err(zigspark.causal_conv1d(x, weight, bias, activation, order=order), expected) < 1e-12
 
+    # the closed-form backward against autograd of the loop, for every width
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    g = torch.randn_like(x)
+    closed = torch.autograd.grad(zigspark.causal_conv1d(*leaves, activation, order=order), leaves, g)
+    ordered = naive_conv(leaves[0][..., idx], leaves[1], leaves[2], activation is not None)[..., orders.inverse(idx)]
+    for name, got, want in zip(("dx", "dweight", "dbias"), closed, torch.autograd.grad(ordered, leaves, g)):
+        assert max_abs_err(got, want) < 1e-11, name
+
 
 @cpu
 def test_causal_conv1d_gradcheck_opcheck_and_bad_inputs():

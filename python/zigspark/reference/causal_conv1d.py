@@ -45,10 +45,10 @@ def causal_conv1d_backward(dout, x, weight, bias=None, silu=False, order_index=N
                        groups=x.shape[1])
         sig = torch.sigmoid(pre)
         g = g * sig * (1 + pre * (1 - sig))
-    x_windows = F.pad(xs, (width - 1, 0)).unfold(-1, width, 1)         # [t, k] = x_{t−(K−1)+k}
-    g_windows = F.pad(g, (0, width - 1)).unfold(-1, width, 1)          # [s, j] = g_{s+j}
-    dweight = torch.einsum("bdt,bdtk->dk", g, x_windows)
-    dx = torch.einsum("bdsj,dj->bds", g_windows, w.flip(-1))
+    length, padded = xs.shape[-1], F.pad(xs, (width - 1, 0))
+    dweight = torch.stack([torch.linalg.vecdot(g, padded[..., k:k + length]).sum(0) for k in range(width)], -1)
+    # ∂x_s = Σ_j w_{K−1−j}·g_{s+j}: the same depthwise convolution, of g padded on the right, flipped weights
+    dx = F.conv1d(F.pad(g, (0, width - 1)), w.flip(-1)[:, None, :], groups=x.shape[1])
     if order_index is not None:
         dx = dx.index_select(-1, inverse(order_index))
     dbias = None if bias is None else g.sum((0, 2)).to(bias.dtype)
