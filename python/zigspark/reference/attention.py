@@ -12,7 +12,7 @@ A query that sees no key (causal, S_q > S_k) gets o = 0 and lse = −inf. Backwa
 dk_j = scale·Σ_i ds_ij·q_i (GQA: dk, dv summed over the query heads that share a key head).
 
 Memory stays bounded: queries are processed a chunk at a time, chunks of about _CHUNK_SCORES scores across
-all heads unless a `chunk` of query rows is given. Each chunk's scores live in one tensor that the softmax,
+all heads (more on a GPU, where each chunk costs kernel launches) unless a `chunk` of query rows is given. Each chunk's scores live in one tensor that the softmax,
 its backward and the received sums update in place: on CPU every fresh score-sized tensor costs a pass of
 page faults and cache misses of its own.
 """
@@ -23,7 +23,8 @@ import torch
 
 from .precision import compute_dtype
 
-_CHUNK_SCORES = 1 << 20
+_CHUNK_SCORES = {"cpu": 1 << 20}     # 4 MiB of float32 scores; other devices: _GPU_CHUNK_SCORES
+_GPU_CHUNK_SCORES = 1 << 26
 _INF = float("inf")
 
 
@@ -38,9 +39,10 @@ def _heads(q, k, v=None):
 
 
 def _query_chunks(qh, kh, chunk):
-    """(i0, i1) query ranges: `chunk` rows each, or about _CHUNK_SCORES scores each when chunk is None."""
+    """(i0, i1) query ranges: `chunk` rows each, or about the device's score budget each when chunk is None."""
     batch, heads, seqlen_q, _ = qh.shape
-    rows = chunk or max(1, _CHUNK_SCORES // max(1, batch * heads * kh.shape[2]))
+    budget = _CHUNK_SCORES.get(qh.device.type, _GPU_CHUNK_SCORES)
+    rows = chunk or max(1, budget // max(1, batch * heads * kh.shape[2]))
     return [(i0, min(seqlen_q, i0 + rows)) for i0 in range(0, seqlen_q, rows)]
 
 
