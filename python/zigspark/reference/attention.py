@@ -23,8 +23,8 @@ import torch
 
 from .precision import compute_dtype
 
-_CHUNK_SCORES = {"cpu": 1 << 20}     # 4 MiB of float32 scores; other devices: _GPU_CHUNK_SCORES
-_GPU_CHUNK_SCORES = 1 << 26
+_CHUNK_SCORES = 1 << 20          # 4 MiB of float32 scores
+_CHUNK_SCORES_GPU = 1 << 26
 _INF = float("inf")
 
 
@@ -41,7 +41,7 @@ def _heads(q, k, v=None):
 def _query_chunks(qh, kh, chunk):
     """(i0, i1) query ranges: `chunk` rows each, or about the device's score budget each when chunk is None."""
     batch, heads, seqlen_q, _ = qh.shape
-    budget = _CHUNK_SCORES.get(qh.device.type, _GPU_CHUNK_SCORES)
+    budget = _CHUNK_SCORES if qh.device.type == "cpu" else _CHUNK_SCORES_GPU
     rows = chunk or max(1, budget // max(1, batch * heads * kh.shape[2]))
     return [(i0, min(seqlen_q, i0 + rows)) for i0 in range(0, seqlen_q, rows)]
 
