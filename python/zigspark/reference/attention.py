@@ -12,7 +12,8 @@ A query that sees no key (causal, S_q > S_k) gets o = 0 and lse = −inf. Backwa
 dk_j = scale·Σ_i ds_ij·q_i (GQA: dk, dv summed over the query heads that share a key head).
 
 Memory stays bounded: queries are processed a chunk at a time, chunks of about _CHUNK_SCORES scores across
-all heads (more on a GPU, where each chunk costs kernel launches) unless a `chunk` of query rows is given. Each chunk's scores live in one tensor that the softmax,
+all heads (more on a GPU, where each chunk costs kernel launches), and of at most `chunk` query rows when
+it is given. Each chunk's scores live in one tensor that the softmax,
 its backward and the received sums update in place: on CPU every fresh score-sized tensor costs a pass of
 page faults and cache misses of its own.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .precision import compute_dtype
+from .precision import compute_dtype, exp_
 
 _CHUNK_SCORES = 1 << 20          # 4 MiB of float32 scores
 _CHUNK_SCORES_GPU = 1 << 26
@@ -38,12 +39,17 @@ def _heads(q, k, v=None):
     return qh, kh, vh, group
 
 
-def _query_chunks(qh, kh, chunk):
-    """(i0, i1) query ranges: `chunk` rows each, or about the device's score budget each when chunk is None."""
-    batch, heads, seqlen_q, _ = qh.shape
-    budget = _CHUNK_SCORES if qh.device.type == "cpu" else _CHUNK_SCORES_GPU
-    rows = chunk or max(1, budget // max(1, batch * heads * kh.shape[2]))
+def query_chunks(seqlen_q: int, scores_per_query: int, device: torch.device, chunk: int | None = None):
+    """(i0, i1) query ranges of about the device's score budget each (scores_per_query = batch·heads·S_k),
+    and of at most `chunk` rows when it is given."""
+    budget = _CHUNK_SCORES if device.type == "cpu" else _CHUNK_SCORES_GPU
+    rows = max(1, min(chunk or seqlen_q, budget // max(1, scores_per_query)))
     return [(i0, min(seqlen_q, i0 + rows)) for i0 in range(0, seqlen_q, rows)]
+
+
+def _query_chunks(qh, kh, chunk):
+    batch, heads, seqlen_q, _ = qh.shape
+    return query_chunks(seqlen_q, batch * heads * kh.shape[2], qh.device, chunk)
 
 
 def _scores(q_scaled, kh, i0, i1, causal, seqlen_q):
@@ -57,20 +63,20 @@ def _scores(q_scaled, kh, i0, i1, causal, seqlen_q):
     return s
 
 
-def _softmax_(s):
-    """In place, s -> exp(s − max) (unnormalised p); returns (row sums l clamped to ≥ 1, lse). A row that
+def softmax_(s):
+    """In place, s -> exp(s − max) (unnormalised p; exp as exp2, see precision.py); returns (row sums l clamped to ≥ 1, lse). A row that
     sees no key (all −inf) gets p = 0, lse = −inf; any other row has l ≥ 1, so the clamp only touches
     those rows and 1/l never divides by zero."""
     m = s.amax(-1, keepdim=True)
     m.masked_fill_(m == -_INF, 0.0)
-    l = s.sub_(m).exp_().sum(-1, keepdim=True)
+    l = exp_(s.sub_(m)).sum(-1, keepdim=True)
     lse = (m + l.log()).squeeze(-1)
     return l.clamp_min_(1.0), lse
 
 
 def _probs_(s, lse):
     """In place, s -> p = exp(s − lse); rows with lse = −inf (no key seen) become 0, not NaN."""
-    return s.sub_(lse.masked_fill(lse == -_INF, _INF)[..., None]).exp_()
+    return exp_(s.sub_(lse.masked_fill(lse == -_INF, _INF)[..., None]))
 
 
 def attention_forward(q, k, v, causal=False, scale=None, chunk=None):
@@ -81,7 +87,7 @@ def attention_forward(q, k, v, causal=False, scale=None, chunk=None):
     outs, lses = [], []
     for i0, i1 in _query_chunks(qh, kh, chunk):
         p = _scores(q_scaled, kh, i0, i1, causal, seqlen_q)
-        l, lse = _softmax_(p)
+        l, lse = softmax_(p)
         outs.append(torch.matmul(p, vh).div_(l))
         lses.append(lse)
     out = torch.cat(outs, dim=2) if outs else qh.new_zeros(qh.shape[:3] + (vh.shape[-1],))
@@ -122,7 +128,7 @@ def attention_received(q, k, lse=None, causal=False, scale=None, query_weight=No
     for i0, i1 in _query_chunks(qh, kh, chunk):
         p = _scores(q_scaled, kh, i0, i1, causal, seqlen_q)
         if lse is None:
-            p.div_(_softmax_(p)[0])
+            p.div_(softmax_(p)[0])
         else:
             _probs_(p, lse[:, :, i0:i1].to(qh.dtype))
         if query_weight is not None:

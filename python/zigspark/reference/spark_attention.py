@@ -27,7 +27,8 @@ differentiate itself); the tests check it against autograd of a naive loop. It r
 mask chunk by chunk from the saved lse and θ, and takes Δ = dO·o from the saved output, as flash attention
 and reference/attention.py do: a half-precision run then carries the rounding of the stored o into Δ
 exactly as the kernels do (in float64 it is exact). Computation is in float32 (float64 for float64
-inputs); memory stays O(chunk·S_k) per head.
+inputs). Memory stays bounded: queries go a chunk at a time (at most `chunk` rows, and about as many
+scores as reference/attention.py allows), and each chunk's score tensors are updated in place.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .precision import compute_dtype
+from .attention import query_chunks, softmax_
+from .precision import compute_dtype, exp_
 
 
 def visible_counts(seqlen_q: int, seqlen_k: int, causal: bool, device) -> torch.Tensor:
@@ -62,47 +64,65 @@ def _heads(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def _visible(i0, i1, seqlen_q, seqlen_k, causal, device):
+    """(c, S_k) bool: the keys each query of the chunk sees; None when it sees all of them."""
     if not causal:
-        return torch.ones(i1 - i0, seqlen_k, dtype=torch.bool, device=device)
+        return None
     i = torch.arange(i0, i1, device=device)[:, None]
     return torch.arange(seqlen_k, device=device)[None, :] <= i + (seqlen_k - seqlen_q)
 
 
-def _scores(qh, kh, i0, i1, r):
+def _scaled(qh, r):
+    """Contiguous q[:r]·a and q[r:]·c, so that the score matmuls need no scaling pass and no copy."""
     head_dim = qh.shape[-1]
-    s1 = qh[:, :, i0:i1, :r] @ kh[:, :, :, :r].transpose(-1, -2) / math.sqrt(r)
-    s2 = qh[:, :, i0:i1, r:] @ kh[:, :, :, r:].transpose(-1, -2) / math.sqrt(head_dim - r)
-    return s1, s2
+    return qh[..., :r] / math.sqrt(r), qh[..., r:] / math.sqrt(head_dim - r)
+
+
+def _split(kh, r):
+    """Contiguous k[:r]ᵀ and k[r:]ᵀ, made once: a matmul with a strided slice would copy it per chunk."""
+    return kh[..., :r].transpose(-1, -2).contiguous(), kh[..., r:].transpose(-1, -2).contiguous()
+
+
+def _scores(q1, q2, k1t, k2t, i0, i1):
+    return q1[:, :, i0:i1] @ k1t, q2[:, :, i0:i1] @ k2t
 
 
 def _threshold(s1, visible, z):
-    """θ per query of the chunk, (B, H, c, 1): two-pass mean and population variance over visible keys."""
-    vis_f = visible.to(s1.dtype)
-    n = vis_f.sum(-1).clamp_min(1)[:, None]
-    mean = (s1 * vis_f).sum(-1, keepdim=True) / n
-    var = (((s1 - mean) * vis_f) ** 2).sum(-1, keepdim=True) / n
+    """θ per query of the chunk, (B, H, c, 1): mean and population variance (two-pass) over visible keys."""
+    if visible is None:                          # (torch.var_mean is ~10x slower than this on CPU)
+        mean = s1.mean(-1, keepdim=True)
+        var = (s1 - mean).square_().mean(-1, keepdim=True)
+    else:
+        vis_f = visible.to(s1.dtype)
+        n = vis_f.sum(-1).clamp_min(1)[:, None]
+        mean = (s1 * vis_f).sum(-1, keepdim=True) / n
+        var = (s1 - mean).mul_(vis_f).square_().sum(-1, keepdim=True) / n
     z = z[:, None]
     return torch.where(z == -math.inf, torch.full_like(mean, -math.inf), mean + z * var.sqrt())
 
 
+def _kept(s1, theta, visible):
+    keep = s1 > theta
+    return keep if visible is None else keep.logical_and_(visible)
+
+
 def spark_attention_forward(q, k, v, top_k: int, r: int, causal: bool, chunk: int = 1024):
     """(out (B, S_q, H, D) in q's dtype, lse, θ (B, H, S_q) in the compute dtype, kept (B, H, S_q) int64).
-    Differentiable by autograd in q, k, v (the mask is not)."""
+    The score tensors are updated in place, so this is not differentiable by autograd: the op registers
+    spark_attention_backward."""
     acc = compute_dtype(q.dtype)
     qh, kh, vh = (_heads(t, acc) for t in (q, k, v))
-    seqlen_q, seqlen_k = qh.shape[2], kh.shape[2]
+    (batch, heads, seqlen_q, _), seqlen_k = qh.shape, kh.shape[2]
+    (q1, q2), (k1t, k2t) = _scaled(qh, r), _split(kh, r)
     z_all = quantile_z(visible_counts(seqlen_q, seqlen_k, causal, q.device), top_k, acc)
     outs, lses, thetas, kept = [], [], [], []
-    for i0 in range(0, seqlen_q, chunk):
-        i1 = min(seqlen_q, i0 + chunk)
-        s1, s2 = _scores(qh, kh, i0, i1, r)
+    for i0, i1 in query_chunks(seqlen_q, batch * heads * seqlen_k, q.device, chunk):
+        s1, s2 = _scores(q1, q2, k1t, k2t, i0, i1)
         visible = _visible(i0, i1, seqlen_q, seqlen_k, causal, q.device)
         theta = _threshold(s1, visible, z_all[i0:i1])
-        keep = visible & (s1 > theta)
-        logits = s1.masked_fill(~keep, -math.inf)
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * F.softplus(s2)
-        outs.append(weights @ vh)
-        lses.append(torch.logsumexp(logits, dim=-1))
+        keep = _kept(s1, theta, visible)
+        l, lse = softmax_(s1.masked_fill_(~keep, -math.inf))            # s1 -> unnormalised P
+        outs.append((F.softplus(s2).mul_(s1) @ vh).div_(l))              # W = P ⊙ softplus(s2)
+        lses.append(lse)
         thetas.append(theta.squeeze(-1))
         kept.append(keep.sum(-1))
     out = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
@@ -115,23 +135,24 @@ def spark_attention_backward(dout, q, k, v, out, lse, theta, r: int, causal: boo
     qh, kh, vh, do = (_heads(t, acc) for t in (q, k, v, dout))
     delta = (do * _heads(out, acc)).sum(-1, keepdim=True)                 # (B, H, S_q, 1)
     lse, theta = lse.to(acc), theta.to(acc)
-    seqlen_q, seqlen_k, head_dim = qh.shape[2], kh.shape[2], qh.shape[3]
-    a, c = 1 / math.sqrt(r), 1 / math.sqrt(head_dim - r)
-    dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
-    for i0 in range(0, seqlen_q, chunk):
-        i1 = min(seqlen_q, i0 + chunk)
-        s1, s2 = _scores(qh, kh, i0, i1, r)
-        keep = _visible(i0, i1, seqlen_q, seqlen_k, causal, q.device) & (s1 > theta[:, :, i0:i1, None])
-        p = torch.exp(s1 - lse[:, :, i0:i1, None]).masked_fill(~keep, 0.0)   # inf − inf never survives
-        g = F.softplus(s2)
-        w = p * g
+    (batch, heads, seqlen_q, _), seqlen_k = qh.shape, kh.shape[2]
+    (q1, q2), (k1t, k2t) = _scaled(qh, r), _split(kh, r)
+    k1, k2 = _scaled(kh, r)
+    vt = vh.transpose(-1, -2).contiguous()
+    dq, dk1, dk2, dv = torch.empty_like(qh), torch.zeros_like(k1), torch.zeros_like(k2), torch.zeros_like(vh)
+    for i0, i1 in query_chunks(seqlen_q, batch * heads * seqlen_k, q.device, chunk):
+        s1, s2 = _scores(q1, q2, k1t, k2t, i0, i1)
+        keep = _kept(s1, theta[:, :, i0:i1, None], _visible(i0, i1, seqlen_q, seqlen_k, causal, q.device))
+        p = exp_(s1.sub_(lse[:, :, i0:i1, None])).masked_fill_(~keep, 0.0)  # inf − inf never survives
         do_c = do[:, :, i0:i1]
-        dpv = do_c @ vh.transpose(-1, -2)
-        ds2 = p * dpv * torch.sigmoid(s2)
-        ds1 = p * (g * dpv - delta[:, :, i0:i1])
-        dv += w.transpose(-1, -2) @ do_c
-        dq[:, :, i0:i1, :r] = a * (ds1 @ kh[..., :r])
-        dq[:, :, i0:i1, r:] = c * (ds2 @ kh[..., r:])
-        dk[..., :r] += a * (ds1.transpose(-1, -2) @ qh[:, :, i0:i1, :r])
-        dk[..., r:] += c * (ds2.transpose(-1, -2) @ qh[:, :, i0:i1, r:])
+        dpv = do_c @ vt
+        g = F.softplus(s2)
+        dv += (g * p).transpose(-1, -2) @ do_c                           # W = P ⊙ g
+        ds1 = g.mul_(dpv).sub_(delta[:, :, i0:i1]).mul_(p)               # P ⊙ (g ⊙ dpv − Δ)
+        ds2 = s2.sigmoid_().mul_(dpv).mul_(p)                            # P ⊙ dpv ⊙ sigmoid(s2)
+        dq[:, :, i0:i1, :r] = ds1 @ k1
+        dq[:, :, i0:i1, r:] = ds2 @ k2
+        dk1 += ds1.transpose(-1, -2) @ q1[:, :, i0:i1]
+        dk2 += ds2.transpose(-1, -2) @ q2[:, :, i0:i1]
+    dk = torch.cat([dk1, dk2], -1)
     return tuple(t.transpose(1, 2).to(like.dtype) for t, like in ((dq, q), (dk, k), (dv, v)))
