@@ -98,6 +98,17 @@ def test_closed_form_backward_matches_autograd(case):
 
 
 @cpu
+def test_reference_without_keys():
+    """S_k = 0 (the public ops reject it, the reference does not): o = 0, lse = −inf, zero gradients."""
+    q, k, v = torch.randn(1, 3, 2, 8), torch.randn(1, 0, 2, 8), torch.randn(1, 0, 2, 8)
+    out, lse = ref.attention_forward(q, k, v)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    assert ref.attention_received(q, k).shape == (1, 2, 0)
+    dq, dk, dv = ref.attention_backward(torch.randn_like(out), q, k, v, out, lse)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
+
+
+@cpu
 def test_gradcheck_opcheck_compile():
     q = torch.randn(1, 5, 2, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 6, 1, 8, dtype=torch.float64, requires_grad=True)

@@ -67,6 +67,8 @@ def softmax_(s):
     """In place, s -> exp(s − max) (unnormalised p; exp as exp2, see precision.py); returns (row sums l clamped to ≥ 1, lse). A row that
     sees no key (all −inf) gets p = 0, lse = −inf; any other row has l ≥ 1, so the clamp only touches
     those rows and 1/l never divides by zero."""
+    if s.shape[-1] == 0:                                                 # no keys at all
+        return s.new_ones(s.shape[:-1] + (1,)), s.new_full(s.shape[:-1], -_INF)
     m = s.amax(-1, keepdim=True)
     m.masked_fill_(m == -_INF, 0.0)
     l = exp_(s.sub_(m)).sum(-1, keepdim=True)
@@ -114,7 +116,7 @@ def attention_backward(dout, q, k, v, out, lse, causal=False, scale=None, chunk=
         dk += torch.matmul(ds.transpose(-1, -2), q_scaled[:, :, i0:i1])
     b, h, sk, d = dk.shape
     dk = dk.reshape(b, h // group, group, sk, d).sum(2)
-    dv = dv.reshape(b, h // group, group, sk, -1).sum(2)
+    dv = dv.reshape(b, h // group, group, sk, dv.shape[-1]).sum(2)
     return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
 
 

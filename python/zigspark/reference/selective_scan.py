@@ -155,10 +155,12 @@ def _work_tensor(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch
     numel = math.prod(shape)
     if like.device.type != "cpu" or numel > _BLOCK_ELEMENTS:
         return like.new_empty(shape)
+    # inference mode makes inference tensors, which may not be written outside it: one set per mode
+    key = (slot, like.dtype, torch.is_inference_mode_enabled())
     buffers = _work.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((slot, like.dtype))
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[(slot, like.dtype)] = like.new_empty(numel)
+        buffer = buffers[key] = like.new_empty(numel)
     return buffer[:numel].view(shape)
 
 
@@ -203,8 +205,9 @@ def _log2_decay(A: torch.Tensor) -> torch.Tensor:
 
 
 def _states(lay: ChunkLayout, dlt, A2, bu, B_l):
-    """(a, h, last_state): a_t = exp(Δ_t·A) and the states h_t of every step, (T, N, chunks, batch, d) in the
-    work tensors 0 and 1, and the state after the last step, (N, batch, d).
+    """(a, h, last_state, carry): a_t = exp(Δ_t·A) and the states h_t of every step, (T, N, chunks, batch, d)
+    in the work tensors 0 and 1, the state after the last step, (N, batch, d), and the state entering each
+    chunk, (N, chunks, batch, d).
 
     Two passes of T steps: the first runs every chunk from a zero state and keeps only the running state,
     which gives each chunk's end state; a loop over chunks turns those into the state carried into each
@@ -227,7 +230,7 @@ def _states(lay: ChunkLayout, dlt, A2, bu, B_l):
     h_steps[0].addcmul_(a_steps[0], carry)
     for t in range(1, lay.steps):
         h_steps[t].addcmul_(a_steps[t], h_steps[t - 1])
-    return a, h, last_state
+    return a, h, last_state, carry
 
 
 def _adjoints_(lay: ChunkLayout, a, dlt, A2, dh, dlast):
@@ -254,7 +257,8 @@ def _adjoints_(lay: ChunkLayout, a, dlt, A2, dh, dlast):
 def _scan_block(lay: ChunkLayout, delta, A, u, B, C):
     """One block of channels: (y in the layout (T, chunks, batch, d), final state (N, batch, d))."""
     dim = u.shape[1]
-    _, h, last_state = _states(lay, lay.scalars(delta), _log2_decay(A), lay.scalars(delta * u), lay.bc(B, dim))
+    _, h, last_state, _ = _states(lay, lay.scalars(delta), _log2_decay(A), lay.scalars(delta * u),
+                                  lay.bc(B, dim))
     return h.mul_(lay.bc(C, dim)).sum(1), last_state                     # Σ_n C_t·h_t
 
 
@@ -282,7 +286,7 @@ def _backward_block(lay: ChunkLayout, g, dlast, u, pre, delta, A, B, C, D, z, de
     dim = u.shape[1]
     A2, dlt, bu = _log2_decay(A), lay.scalars(delta), lay.scalars(delta * u)
     B_l, C_l = lay.bc(B, dim), lay.bc(C, dim)
-    a, h, _ = _states(lay, dlt, A2, bu, B_l)
+    a, h, _, carry = _states(lay, dlt, A2, bu, B_l)
     dz = dD = None
     if z is not None:                                                    # out = y·silu(z)
         y = lay.unscalars(torch.mul(h, C_l, out=_work_tensor(2, h.shape, h)).sum(1))
@@ -293,10 +297,14 @@ def _backward_block(lay: ChunkLayout, g, dlast, u, pre, delta, A, B, C, D, z, de
         g = g * z * sig
     g_t = lay.scalars(g)
     dh = _adjoints_(lay, a, dlt, A2, torch.mul(g_t, C_l, out=_work_tensor(2, h.shape, h)), dlast)
-    # a_t·h_{t−1} = h_t − b_t, so ∂a_t·a_t = ∂h_t·(h_t − b_t) needs no shifted copy of the states (the
-    # difference is off by at most b_t's rounding); a's memory is free once the adjoints are done.
-    da_a = torch.mul(bu, B_l, out=a)
-    torch.sub(h, da_a, out=da_a).mul_(dh)
+    # ∂a_t·a_t = ∂h_t·a_t·h_{t−1}, in a's memory (free once the adjoints are done), from views of the states
+    # shifted by one step and the carried-in state at each chunk's first step: no shifted copy. (h_t − b_t
+    # would do without the shift, but cancels where a_t·h_{t−1} ≪ b_t, i.e. for fast-decaying states.)
+    da_a = a
+    if lay.steps > 1:
+        da_a[1:].mul_(h[:-1])
+    da_a[0].mul_(carry)
+    da_a.mul_(dh)
     dC = lay.reduce_bc(h.mul_(g_t), C)                                   # ∂C_t = Σ g_t·h_t
     dA = torch.mul(da_a, dlt, out=h).sum((0, 2, 3)).t()                  # ∂A = Σ_t ∂a_t·a_t·Δ_t
     ddelta_t = torch.mul(da_a, A.t().contiguous()[None, :, None, None, :], out=h).sum(1, keepdim=True)
