@@ -227,7 +227,8 @@ def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, chun
         top_k: keys meant to survive per query (exactly all visible keys when a query sees ≤ top_k).
         predictor_dim: r, the leading dims of q and k that select keys; default head_dim // 4.
         causal: bottom-right aligned causal mask (query i sees keys j ≤ i + seqlen_k − seqlen_q).
-        chunk: queries per step of the reference (memory O(chunk·seqlen_k) per head); kernels ignore it.
+        chunk: at most this many queries per step of the reference, which also bounds each step's scores
+            (memory O(chunk·seqlen_k) per head at most); kernels ignore it.
         return_kept: also return the number of keys each query kept, (batch, heads, seqlen_q) int64.
     Returns:
         out (batch, seqlen_q, heads, head_dim) in q's dtype [, kept]. Differentiable in q, k and v.
