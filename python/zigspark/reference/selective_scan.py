@@ -125,11 +125,6 @@ class ChunkLayout:
         return self._scatter(per_step, (2, 3, 1, 0))                      # (L, N, b, G) -> (b, G, N, L)
 
 
-def _pick(M: torch.Tensor, t: int) -> torch.Tensor:
-    """Step t of a chunked B/C, which is constant over steps when its leading size is 1."""
-    return M[t if M.shape[0] > 1 else 0]
-
-
 def _inputs(u, delta, A, B, C, delta_bias, delta_softplus):
     """Compute-dtype inputs in raster order: (acc, u, pre-softplus δ, Δ, B, C). Everything before the scan
     is elementwise per step, so it is done before the gather into scan order."""
