@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 GPU_PYTHON ?= python3
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: all install test test-cpu test-interpret test-gpu demo check bench report gpu-check clean
+.PHONY: all install test test-cpu test-emulate test-interpret test-gpu demo check bench report gpu-check clean
 
 all: test
 
@@ -31,10 +31,15 @@ install: $(VENV)/.deps
 # line of the last pytest run, which should count the tests that ran.
 test: install
 	$(PY) -m zigspark env
-	$(MAKE) --no-print-directory test-gpu test-cpu test-interpret
+	$(MAKE) --no-print-directory test-gpu test-cpu test-emulate test-interpret
 
 test-cpu:
 	$(PY) -m pytest $(PYTEST_FLAGS) -m "cpu or build" tests
+
+# Own process: the CUDA kernels compiled for the CPU (csrc/emulate) stand in for zigspark._C there.
+test-emulate:
+	emulator="$$($(PY) scripts/build_emulator.py)" && \
+	  ZIGSPARK_CUDA_EMULATOR="$$emulator" $(PY) -m pytest $(PYTEST_FLAGS) -m emulate tests
 
 # Own process: TRITON_INTERPRET must be set before triton is imported.
 test-interpret:

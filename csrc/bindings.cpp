@@ -19,6 +19,10 @@
 #ifndef ZIGSPARK_ARCHS
 #define ZIGSPARK_ARCHS ""
 #endif
+// The emulate test tier builds this file a second time, against csrc/emulate, as zigspark._C_emulated.
+#ifndef ZIGSPARK_MODULE_NAME
+#define ZIGSPARK_MODULE_NAME _C
+#endif
 
 namespace py = pybind11;
 using namespace zigspark;
@@ -97,7 +101,7 @@ SelectiveScanParams scan_params(const py::kwargs& kw) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(ZIGSPARK_MODULE_NAME, m) {
   m.doc() = "zigspark CUDA kernels (torch-independent; see zigspark.cuda_ops for the Python side)";
   m.def("compiled_archs", [] { return std::string(ZIGSPARK_ARCHS); },
         "';'-separated architectures compiled into this module (sm_XX = machine code, compute_XX = PTX)");

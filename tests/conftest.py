@@ -4,6 +4,8 @@
   interpret  Triton kernels; on the CPU only with TRITON_INTERPRET=1 set before triton is imported, so
              `make test` runs this tier in its own pytest process
   build      the CUDA extension zigspark._C was built and imports
+  emulate    the CUDA kernels of csrc/ on tiny shapes, run on the CPU by csrc/emulate (backend="cuda" on CPU
+             tensors); only with ZIGSPARK_CUDA_EMULATOR set, so `make test` runs it in its own pytest process
   gpu        every backend x dtype at real sizes; skipped with the reason where there is no GPU
 
 Every test carries exactly one tier marker; `pytest -m <tier>` selects a tier.
@@ -20,10 +22,11 @@ from zigspark import _alloc, _cuda, backends
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+EMULATING = _cuda.emulating()
 
 
 def pytest_collection_modifyitems(config, items):
-    tiers = {"cpu", "interpret", "build", "gpu"}
+    tiers = {"cpu", "interpret", "build", "gpu", "emulate"}
     for item in items:
         marks = tiers & {m.name for m in item.iter_markers()}
         if len(marks) != 1:
@@ -31,6 +34,11 @@ def pytest_collection_modifyitems(config, items):
                                     f"has {sorted(marks)}")
         if "gpu" in marks and not HAS_GPU:
             item.add_marker(pytest.mark.skip(reason="gpu tier: no CUDA device visible to torch on this machine"))
+        if "emulate" in marks and not EMULATING:
+            item.add_marker(pytest.mark.skip(
+                reason="emulate tier: needs ZIGSPARK_CUDA_EMULATOR set to a built emulator (make test-emulate)"))
+        if EMULATING and "emulate" not in marks:
+            item.add_marker(pytest.mark.skip(reason="the CUDA emulator replaces zigspark._C: only the emulate tier runs"))
         if "interpret" in marks and not (HAS_GPU or INTERPRET):
             item.add_marker(pytest.mark.skip(
                 reason="interpret tier: needs a GPU or TRITON_INTERPRET=1 set before import (make test-interpret)"))

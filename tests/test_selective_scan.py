@@ -351,6 +351,29 @@ def test_triton_scan_without_last_state_gradient(triton_device):
                        order=orders.zigzag(4, 5, 2))
 
 
+# The CUDA scan walks 512-step chunks with 128 threads: L 600 and 1100 cross one and two chunk boundaries.
+EMULATE_CASES = [
+    *INTERPRET_CASES,
+    dict(length=600, order=orders.zigzag(20, 30, 6), dim=2, n=4),
+    dict(length=1100, order=torch.randperm(1100, generator=torch.Generator().manual_seed(2)), dim=2, n=16,
+         bc="grouped", groups=2),
+    dict(length=513, bc="constant", dim=3, n=1, order=orders.zigzag(27, 19, 1)),
+]
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", EMULATE_CASES, ids=lambda c: f"L{c['length']}")
+def test_emulated_cuda_scan_matches_reference(dtype, case):
+    check_scan_backend("cuda", torch.device("cpu"), dtype, batch=2 if case["length"] < 600 else 1, **case)
+
+
+@pytest.mark.emulate
+def test_emulated_cuda_scan_without_last_state_gradient():
+    check_scan_backend("cuda", torch.device("cpu"), torch.float32, dlast=False, batch=2, dim=2, length=20,
+                       order=orders.zigzag(4, 5, 2))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

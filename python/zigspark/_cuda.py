@@ -7,6 +7,8 @@ and the stream handle. Everything torch-specific (validation, allocation, stream
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 
 import torch
 
@@ -18,9 +20,29 @@ REBUILD_HINT = (
     "(or `make install`); see `python -m zigspark env`"
 )
 
+# The emulate test tier sets this to a zigspark._C_emulated built by scripts/build_emulator.py: the same
+# kernels compiled for the CPU (csrc/emulate), so backend="cuda" runs them on CPU tensors, as
+# TRITON_INTERPRET=1 runs the Triton kernels. Only for tests: it is thousands of times slower than a GPU.
+EMULATOR_ENV = "ZIGSPARK_CUDA_EMULATOR"
+
 _module = None
 _load_error: str | None = None
 _loaded = False
+
+
+def emulating() -> bool:
+    """True when backend="cuda" runs the CPU emulation of the CUDA kernels (tests only)."""
+    return bool(os.environ.get(EMULATOR_ENV))
+
+
+def _import_emulator(path: str):
+    spec = importlib.util.spec_from_file_location("zigspark._C_emulated", path)
+    if spec is None or not os.path.exists(path):
+        raise ImportError(f"{EMULATOR_ENV}={path!r} is not a built module; build it with "
+                          "`python scripts/build_emulator.py` (make test-emulate does)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _load():
@@ -28,7 +50,8 @@ def _load():
     if not _loaded:
         _loaded = True
         try:
-            _module = importlib.import_module("zigspark._C")
+            emulator = os.environ.get(EMULATOR_ENV)
+            _module = _import_emulator(emulator) if emulator else importlib.import_module("zigspark._C")
         except ImportError as exc:
             _load_error = f"{type(exc).__name__}: {exc}"
     return _module
@@ -58,6 +81,8 @@ def compiled_archs() -> list[str]:
 
 def supports_device(device: torch.device) -> str | None:
     """None if _C has code that runs on `device`, else the reason."""
+    if emulating():
+        return None if device.type == "cpu" else f"the CUDA emulator ({EMULATOR_ENV}) runs on CPU tensors only"
     archs = compiled_archs()
     major, minor = torch.cuda.get_device_capability(device)
     cc = major * 10 + minor
@@ -83,8 +108,16 @@ def ptr(t: torch.Tensor | None) -> int:
 
 def device_index(t: torch.Tensor) -> int:
     """The CUDA device a tensor lives on (a CUDA tensor's device always carries its index)."""
-    return t.device.index
+    return 0 if t.device.type == "cpu" and emulating() else t.device.index
 
 
 def stream_of(t: torch.Tensor) -> int:
+    if t.device.type == "cpu" and emulating():
+        return 0  # the emulator runs every launch synchronously
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    if device.type == "cpu" and emulating():
+        return 132  # the emulated GPU is an H100 SXM
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -75,6 +75,8 @@ def _triton_reason(device: torch.device) -> str | None:
 def _cuda_reason(device: torch.device) -> str | None:
     if not _cuda.is_built():
         return f"the CUDA extension zigspark._C is not built ({_cuda.load_error()}); {_cuda.REBUILD_HINT}"
+    if _cuda.emulating():
+        return _cuda.supports_device(device)
     if device.type != "cuda":
         return (f"backend='cuda' needs CUDA tensors, these are on {device.type}; move them with .cuda(), or use "
                 "backend='reference'")

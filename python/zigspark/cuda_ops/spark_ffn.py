@@ -57,7 +57,7 @@ def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def slices_for(tokens: int, d_ff: int, device: torch.device) -> int:
     """Neuron slices per token the kernel runs with on this device (depends on its SM count)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _cuda.multiprocessor_count(device)
     return int(_cuda.extension().spark_ffn_slices(tokens, d_ff, sms))
 
 
