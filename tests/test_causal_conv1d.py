@@ -95,6 +95,17 @@ def test_triton_conv_matches_reference(triton_device, dtype, width, activation, 
     check_conv_backend("triton", triton_device, dtype, 1, 2, 1, width, activation, bias=False)
 
 
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width,activation,order", [
+    (2, None, None), (3, "silu", orders.zigzag(4, 5, 7)), (4, "silu", torch.randperm(20)),
+    (4, None, orders.temporal(2, 2, 5, backward=True))])
+def test_emulated_cuda_conv_matches_reference(dtype, width, activation, order):
+    check_conv_backend("cuda", torch.device("cpu"), dtype, 2, 3, 20, width, activation, order)
+    check_conv_backend("cuda", torch.device("cpu"), dtype, 1, 2, 1, width, activation, bias=False)
+    check_conv_backend("cuda", torch.device("cpu"), dtype, 1, 2, 1100, width, activation, orders.zigzag(25, 44, 3))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

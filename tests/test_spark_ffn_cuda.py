@@ -4,7 +4,8 @@ gpu tier: the sparse CUDA path against the dense-masked computation by the numer
 ≤ 2× the error of the same reference in the kernel's dtype), at decode and prefill token counts, for
 d_model − r and d_model both multiples and not multiples of the 16-byte pack; tokens with no and with every
 neuron active; every slice plan; determinism. build tier: the extension exposes the kernels and fails
-clearly without a GPU. cpu tier: the cached Vᵀ and the backend error off the GPU.
+clearly without a GPU. cpu tier: the cached Vᵀ and the backend error off the GPU. emulate tier: the same
+kernels on the CPU emulator for small layers.
 """
 
 import functools
@@ -28,11 +29,11 @@ SHAPES = [(512, 128), (1024, 256), (2048, 512), (520, 130), (512, 100), (1030, 2
 
 
 @functools.lru_cache(maxsize=None)
-def ffn_weights(d, r, seed=0):
+def ffn_weights(d, r, seed=0, device="cuda"):
     """float64 K1 (f, r), K2 (f, d − r), V (d, f) on the GPU, f = 4d, scaled like nn.Linear's init."""
     f = 4 * d
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return tuple(torch.randn(*s, generator=g, device="cuda", dtype=torch.float64) / math.sqrt(s[-1])
+    g = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(*s, generator=g, device=device, dtype=torch.float64) / math.sqrt(s[-1])
                  for s in ((f, r), (f, d - r), (d, f)))
 
 
@@ -43,15 +44,10 @@ def formula(x, gate, K2, VT, r):
 
 # ---- gpu tier ---------------------------------------------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-@pytest.mark.parametrize("tokens", [1, 4, 16, 64, 300])
-@pytest.mark.parametrize("density", [0.08, 0.3])
-@pytest.mark.parametrize("d,r", SHAPES)
-def test_gpu_cuda_sparse_ffn_matches_dense(d, r, density, tokens, dtype):
-    K1, K2, V = ffn_weights(d, r)
-    gen = torch.Generator("cuda").manual_seed(tokens)
-    x = torch.randn(tokens, d, dtype=torch.float64, device="cuda", generator=gen)
+def check_sparse_matches_dense(device, d, r, density, tokens, dtype):
+    K1, K2, V = ffn_weights(d, r, device=device)
+    gen = torch.Generator(device).manual_seed(tokens)
+    x = torch.randn(tokens, d, dtype=torch.float64, device=device, generator=gen)
     dense64 = zigspark.spark_ffn(x, K1, K2, V, density)
     low = [t.to(dtype) for t in (x, K1, K2, V)]
     sparse, mask = zigspark.spark_ffn(*low, density, sparse=True, return_mask=True, backend="cuda")
@@ -63,25 +59,55 @@ def test_gpu_cuda_sparse_ffn_matches_dense(d, r, density, tokens, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-@pytest.mark.parametrize("slices", [None, 1, 3, 64])
-@pytest.mark.parametrize("d,r", [(512, 128), (520, 130), (1030, 257)])
-def test_gpu_cuda_sparse_ffn_extreme_gates_and_slice_plans(d, r, slices, dtype):
+@pytest.mark.parametrize("tokens", [1, 4, 16, 64, 300])
+@pytest.mark.parametrize("density", [0.08, 0.3])
+@pytest.mark.parametrize("d,r", SHAPES)
+def test_gpu_cuda_sparse_ffn_matches_dense(d, r, density, tokens, dtype):
+    check_sparse_matches_dense("cuda", d, r, density, tokens, dtype)
+
+
+# ---- emulate tier: the same kernels on the CPU emulator, small layers ---------------------------------------
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("d,r", [(64, 16), (130, 33), (104, 24)])
+def test_emulated_cuda_sparse_ffn_matches_dense(d, r, tokens, dtype):
+    check_sparse_matches_dense("cpu", d, r, 0.3, tokens, dtype)
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("slices", [None, 1, 3])
+def test_emulated_cuda_sparse_ffn_extreme_gates_and_slice_plans(slices, dtype):
+    check_extreme_gates_and_slice_plans("cpu", 130, 33, slices, dtype)
+
+
+def check_extreme_gates_and_slice_plans(device, d, r, slices, dtype):
     """Row 0: no neuron active (out exactly 0); row 1: every neuron active; row 2: about half; then tokens
     at the usual density. Direct call with a given gate, for every slice plan (one slice writes out itself)."""
-    _, K2, V = ffn_weights(d, r)
+    _, K2, V = ffn_weights(d, r, device=device)
     f = K2.shape[0]
-    gen = torch.Generator("cuda").manual_seed(1)
-    x = torch.randn(6, d, dtype=torch.float64, device="cuda", generator=gen)
-    gate = torch.rand(6, f, dtype=torch.float64, device="cuda", generator=gen) + 0.01
+    gen = torch.Generator(device).manual_seed(1)
+    x = torch.randn(6, d, dtype=torch.float64, device=device, generator=gen)
+    gate = torch.rand(6, f, dtype=torch.float64, device=device, generator=gen) + 0.01
     gate[0] = 0.0
-    gate[2] *= torch.rand(f, device="cuda", generator=gen) < 0.5
-    gate[3:] *= torch.rand(3, f, device="cuda", generator=gen) < 0.08
+    gate[2] *= torch.rand(f, device=device, generator=gen) < 0.5
+    gate[3:] *= torch.rand(3, f, device=device, generator=gen) < 0.08
     low = [t.to(dtype) for t in (x, gate, K2, V.T)]
     out = cuda_ffn.spark_ffn_sparse(low[0], low[1], low[2], low[3].contiguous(), r, slices=slices)  # NaN-poisoned
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     ref64 = formula(*(t.double() for t in low), r)
     assert_by_rule(out, ref64, formula(low[0], low[1], low[2], low[3], r), what="cuda sparse FFN extreme gates",
                    rel_floor=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("slices", [None, 1, 3, 64])
+@pytest.mark.parametrize("d,r", [(512, 128), (520, 130), (1030, 257)])
+def test_gpu_cuda_sparse_ffn_extreme_gates_and_slice_plans(d, r, slices, dtype):
+    check_extreme_gates_and_slice_plans("cuda", d, r, slices, dtype)
 
 
 @pytest.mark.gpu

@@ -255,19 +255,55 @@ def test_gpu_cuda_selection_equals_reference():
     _compare_backends("cuda", torch.device("cuda"), [(72, 72), (73, 73)], batch=4)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("h,w", [(1, 2), (2, 1), (1, 13), (3, 5), (7, 7), (6, 11)])
-def test_gpu_cuda_every_keep_and_tight_budgets(h, w):
-    """keep = 1..N; alpha up to 5 makes the anchors and buffers overflow the budget (structural cut)."""
+def check_every_keep_and_tight_budgets(device, h, w, keep_step=1):
+    """keep = 1..N (every keep_step-th); alpha up to 5 makes the anchors and buffers overflow the budget
+    (structural cut)."""
     n = h * w
     g = torch.Generator().manual_seed(n)
-    obj = torch.randint(0, 4, (4, n), generator=g).float().cuda()   # integer-valued: many ties
-    deep = torch.randint(0, 6, (4, n), generator=g).cuda() / 2
-    for keep in range(1, n + 1):
+    obj = torch.randint(0, 4, (4, n), generator=g).float().to(device)   # integer-valued: many ties
+    deep = torch.randint(0, 6, (4, n), generator=g).to(device) / 2
+    for keep in range(1, n + 1, keep_step):
         for alpha in (0.1, 1.0, 5.0):
             for wrap in (False, True):
                 _cuda_matches_reference(obj, deep, (h, w), keep, alpha=alpha, wrap_rows=wrap)
         _cuda_matches_reference(obj, deep, (h, w), keep, alpha=1.0, always_keep=[n - 1, 0, n - 1][:keep])
+
+
+GRIDS_FOR_EVERY_KEEP = [(1, 2), (2, 1), (1, 13), (3, 5), (7, 7), (6, 11)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h,w", GRIDS_FOR_EVERY_KEEP)
+def test_gpu_cuda_every_keep_and_tight_budgets(h, w):
+    check_every_keep_and_tight_budgets("cuda", h, w)
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("h,w", GRIDS_FOR_EVERY_KEEP)
+def test_emulated_cuda_every_keep_and_tight_budgets(h, w):
+    check_every_keep_and_tight_budgets("cpu", h, w, keep_step=1 if h * w < 20 else 4)
+
+
+@pytest.mark.emulate
+def test_emulated_cuda_selection_signed_zeros_half_scores_and_workspace():
+    from zigspark.cuda_ops import token_prune as kernels
+
+    _cuda_matches_reference(torch.rand(3, 1), torch.rand(3, 1), (1, 1), 1)
+    _compare_backends("cuda", torch.device("cpu"), [(1, 9), (9, 1), (3, 5), (6, 11), (13, 17)], batch=2)
+    obj, deep = _signed_zero_case("cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = zigspark.hiprune_select(obj.to(dtype), deep.to(dtype), (1, 6), 3, backend="cuda")
+        assert got[0].tolist() == [0, 4, 5], dtype
+        obj16, deep16 = torch.rand(2, 99).to(dtype), torch.randn(2, 99).to(dtype)   # 16-bit scores: ties
+        for keep in (1, 11, 50, 99):
+            _cuda_matches_reference(obj16, deep16, (9, 11), keep, wrap_rows=True, always_keep=[0])
+    obj, deep = torch.randint(0, 50, (2, 99)).float(), torch.rand(2, 99)
+    for keep in (1, 11, 50, 99):
+        for wrap in (False, True):   # the global-memory path, forced
+            got = kernels.hiprune_select(obj, deep, (9, 11), keep, max(1, round(keep * 0.1 / 5)), wrap, None,
+                                         force_workspace=True)
+            assert torch.equal(got, zigspark.hiprune_select(obj, deep, (9, 11), keep, wrap_rows=wrap,
+                                                            backend="reference")), (keep, wrap)
 
 
 @pytest.mark.gpu
@@ -345,35 +381,32 @@ def test_gpu_auto_runs_the_cuda_kernel():
     assert empty.shape == (0, 64)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("channels", [1, 3, 8, 64, 1000, 1024])
-def test_gpu_prune_tokens_kernels_match_torch_indexing(dtype, channels):
+def check_prune_tokens_kernels(device, dtype, channels):
     from zigspark.cuda_ops import token_prune as kernels
 
     batch, n, keep = 3, 50, 17
-    x = torch.randn(batch, n, channels, device="cuda").to(dtype)
-    idx = torch.stack([torch.randperm(n, device="cuda")[:keep].sort().values for _ in range(batch)])
+    x = torch.randn(batch, n, channels, device=device).to(dtype)
+    idx = torch.stack([torch.randperm(n, device=device)[:keep].sort().values for _ in range(batch)])
     expected = torch.gather(x, 1, idx[..., None].expand(-1, -1, channels))
     assert torch.equal(kernels.prune_tokens_fwd(x, idx), expected)
     # strided rows (every other token), an unaligned row start, and one sample broadcast over the batch
-    wide = torch.randn(batch, 2 * n, channels + 1, device="cuda").to(dtype)
-    aligned = torch.randn(batch, 2 * n, channels, device="cuda").to(dtype)
+    wide = torch.randn(batch, 2 * n, channels + 1, device=device).to(dtype)
+    aligned = torch.randn(batch, 2 * n, channels, device=device).to(dtype)
     for view in (wide[:, ::2, :channels], wide[:, :n, 1:], aligned[:, ::2]):
         assert torch.equal(kernels.prune_tokens_fwd(view, idx), torch.gather(view, 1, idx[..., None].expand(
             -1, -1, channels)))
-    pos = torch.randn(1, n, channels, device="cuda").to(dtype).expand(batch, -1, -1)
+    pos = torch.randn(1, n, channels, device=device).to(dtype).expand(batch, -1, -1)
     assert torch.equal(kernels.prune_tokens_fwd(pos, idx), torch.gather(pos, 1, idx[..., None].expand(
         -1, -1, channels)))
 
     # backward: integer-valued gradients, so that sums of repeated indices are exact in every dtype
-    grad = torch.randint(-2, 3, (batch, keep, channels), device="cuda").to(dtype)
-    unique = torch.zeros(batch, n, channels, device="cuda", dtype=dtype).scatter_(
+    grad = torch.randint(-2, 3, (batch, keep, channels), device=device).to(dtype)
+    unique = torch.zeros(batch, n, channels, device=device, dtype=dtype).scatter_(
         1, idx[..., None].expand(-1, -1, channels), grad)
     assert torch.equal(kernels.prune_tokens_bwd(grad, idx, n, unique=True), unique)
     assert torch.equal(kernels.prune_tokens_bwd(grad, idx, n, unique=False), unique)
-    repeated = torch.randint(0, 5, (batch, keep), device="cuda")   # each index up to 17 times
-    summed = torch.zeros(batch, n, channels, device="cuda", dtype=dtype).scatter_add_(
+    repeated = torch.randint(0, 5, (batch, keep), device=device)   # each index up to 17 times
+    summed = torch.zeros(batch, n, channels, device=device, dtype=dtype).scatter_add_(
         1, repeated[..., None].expand(-1, -1, channels), grad)
     assert torch.equal(kernels.prune_tokens_bwd(grad, repeated, n, unique=False), summed)
     assert torch.equal(kernels.prune_tokens_fwd(x, repeated), torch.gather(x, 1, repeated[..., None].expand(
@@ -385,3 +418,17 @@ def test_gpu_prune_tokens_kernels_match_torch_indexing(dtype, channels):
         assert torch.equal(out, expected)
         out.backward(grad)
         assert torch.equal(xr.grad, kernels.prune_tokens_bwd(grad, idx, n, unique=True)), backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels", [1, 3, 8, 64, 1000, 1024])
+def test_gpu_prune_tokens_kernels_match_torch_indexing(dtype, channels):
+    check_prune_tokens_kernels("cuda", dtype, channels)
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels", [1, 3, 8, 64, 1000])
+def test_emulated_prune_tokens_kernels_match_torch_indexing(dtype, channels):
+    check_prune_tokens_kernels("cpu", dtype, channels)
