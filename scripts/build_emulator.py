@@ -7,7 +7,8 @@ Every csrc/**/*.cu is copied with two rewrites that host C++ cannot express othe
 and compiled with g++ with the emulator force-included; csrc/bindings.cpp is compiled unchanged as the module
 _C_emulated. The result is cached under build/emulate/<hash of sources and flags>/.
 
-    python scripts/build_emulator.py      # builds (if needed) and prints the module's path
+    python scripts/build_emulator.py      # builds (if needed) and prints the module's path (nothing, and
+                                          # exit 0, where there are no CUDA headers to build against)
 """
 
 from __future__ import annotations
@@ -104,4 +105,7 @@ def build(out_root: Path | None = None, jobs: int | None = None, quiet: bool = F
 
 
 if __name__ == "__main__":
+    if cuda_include() is None:  # like the build tier without nvcc: the emulate tier then skips, saying why
+        print("zigspark emulator: no CUDA toolkit headers here, not built", file=sys.stderr)
+        sys.exit(0)
     print(build())
