@@ -369,6 +369,24 @@ def test_emulated_cuda_scan_matches_reference(dtype, case):
 
 
 @pytest.mark.emulate
+def test_emulated_cuda_scan_backward_is_precise_for_fast_decaying_states():
+    """As the reference's test above: the CUDA backward keeps h_{t−1} rather than taking h_t − b_t."""
+    g = torch.Generator().manual_seed(0)
+    batch, dim, length, n = 2, 8, 256, 16
+    u = torch.randn(batch, dim, length, generator=g)
+    delta = 0.5 + 2.5 * torch.rand(batch, dim, length, generator=g)
+    A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(dim, 1)
+    B, C = torch.randn(batch, n, length, generator=g), torch.randn(batch, n, length, generator=g)
+    dout = torch.randn(batch, dim, length, generator=g, dtype=torch.float64)
+    leaves = [t.double().requires_grad_(True) for t in (u, delta, A, B, C)]
+    exact = torch.autograd.grad(sequential_selective_scan(*leaves)[0], leaves, dout)[2]
+    leaves = [t.clone().requires_grad_(True) for t in (u, delta, A, B, C)]
+    out = zigspark.selective_scan(*leaves, backend="cuda")
+    dA = torch.autograd.grad(out, leaves[2], dout.float())[0]
+    assert ((dA.double() - exact).abs() / exact.abs()).max() < 1e-4
+
+
+@pytest.mark.emulate
 def test_emulated_cuda_scan_without_last_state_gradient():
     check_scan_backend("cuda", torch.device("cpu"), torch.float32, dlast=False, batch=2, dim=2, length=20,
                        order=orders.zigzag(4, 5, 2))
