@@ -110,12 +110,10 @@ def test_reference_work_tensors_are_not_shared_with_outputs_or_threads():
         assert max_abs_err(results[i], expected[i]) < 1e-10
 
 
-@cpu
-def test_reference_backward_is_precise_for_fast_decaying_states():
-    """float32 dA entry by entry against autograd of the float64 loop, where exp(Δ·A) is tiny: a_t·h_{t−1}
-    taken as h_t − b_t would cancel there (relative errors ~1e-3 on the small dA entries)."""
-    from zigspark.reference import selective_scan as ref
-
+def fast_decay_case():
+    """Inputs where exp(Δ·A) is tiny (A = −1…−16, Δ ∈ (0.5, 3)), an output gradient, and the exact dA from
+    autograd of the float64 loop: a_t·h_{t−1} taken as h_t − b_t cancels there (relative errors ~1e-3 on the
+    small dA entries)."""
     g = torch.Generator().manual_seed(0)
     batch, dim, length, n = 2, 8, 256, 16
     u = torch.randn(batch, dim, length, generator=g)
@@ -126,7 +124,16 @@ def test_reference_backward_is_precise_for_fast_decaying_states():
     y, _ = sequential_selective_scan(*leaves)
     dout = torch.randn(y.shape, generator=g, dtype=torch.float64)
     exact = torch.autograd.grad(y, leaves, dout)[2]
-    dA = ref.selective_scan_backward(dout.float(), None, u, delta, A, B, C)[2]
+    return (u, delta, A, B, C), dout, exact
+
+
+@cpu
+def test_reference_backward_is_precise_for_fast_decaying_states():
+    """float32 dA entry by entry against the float64 loop's, where exp(Δ·A) is tiny."""
+    from zigspark.reference import selective_scan as ref
+
+    inputs, dout, exact = fast_decay_case()
+    dA = ref.selective_scan_backward(dout.float(), None, *inputs)[2]
     assert ((dA.double() - exact).abs() / exact.abs()).max() < 1e-4
 
 
@@ -370,17 +377,9 @@ def test_emulated_cuda_scan_matches_reference(dtype, case):
 
 @pytest.mark.emulate
 def test_emulated_cuda_scan_backward_is_precise_for_fast_decaying_states():
-    """As the reference's test above: the CUDA backward keeps h_{t−1} rather than taking h_t − b_t."""
-    g = torch.Generator().manual_seed(0)
-    batch, dim, length, n = 2, 8, 256, 16
-    u = torch.randn(batch, dim, length, generator=g)
-    delta = 0.5 + 2.5 * torch.rand(batch, dim, length, generator=g)
-    A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(dim, 1)
-    B, C = torch.randn(batch, n, length, generator=g), torch.randn(batch, n, length, generator=g)
-    dout = torch.randn(batch, dim, length, generator=g, dtype=torch.float64)
-    leaves = [t.double().requires_grad_(True) for t in (u, delta, A, B, C)]
-    exact = torch.autograd.grad(sequential_selective_scan(*leaves)[0], leaves, dout)[2]
-    leaves = [t.clone().requires_grad_(True) for t in (u, delta, A, B, C)]
+    """As the reference's test: the CUDA backward keeps h_{t−1} rather than taking h_t − b_t."""
+    inputs, dout, exact = fast_decay_case()
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
     out = zigspark.selective_scan(*leaves, backend="cuda")
     dA = torch.autograd.grad(out, leaves[2], dout.float())[0]
     assert ((dA.double() - exact).abs() / exact.abs()).max() < 1e-4

@@ -30,7 +30,7 @@ SHAPES = [(512, 128), (1024, 256), (2048, 512), (520, 130), (512, 100), (1030, 2
 
 @functools.lru_cache(maxsize=None)
 def ffn_weights(d, r, seed=0, device="cuda"):
-    """float64 K1 (f, r), K2 (f, d − r), V (d, f) on the GPU, f = 4d, scaled like nn.Linear's init."""
+    """float64 K1 (f, r), K2 (f, d − r), V (d, f) on `device`, f = 4d, scaled like nn.Linear's init."""
     f = 4 * d
     g = torch.Generator(device=device).manual_seed(seed)
     return tuple(torch.randn(*s, generator=g, device=device, dtype=torch.float64) / math.sqrt(s[-1])

@@ -234,8 +234,7 @@ std::shared_ptr<const unsigned char[]> warp_rendezvous(unsigned mask, const void
   return std::move(f.gathered);
 }
 
-cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem,
-                     const std::function<void()>& body) {
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   auto limit = max_dynamic_smem_.find(kernel);
   const size_t smem_limit = limit == max_dynamic_smem_.end() ? kDefaultDynamicSmem : size_t(limit->second);
@@ -245,13 +244,13 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_s
     last_message_ = "emulated launch: invalid configuration (grid " + std::to_string(grid.x) + "x" +
                     std::to_string(grid.y) + "x" + std::to_string(grid.z) + ", block " + std::to_string(block.x) +
                     "x" + std::to_string(block.y) + "x" + std::to_string(block.z) + ")";
-    return last_error_;
+    return;
   }
   if (dynamic_smem > smem_limit) {
     last_error_ = cudaErrorInvalidValue;
     last_message_ = "emulated launch: " + std::to_string(dynamic_smem) + " bytes of dynamic shared memory, above the " +
                     std::to_string(smem_limit) + " allowed for this kernel (raise it with cudaFuncSetAttribute)";
-    return last_error_;
+    return;
   }
   current.grid_dim = grid;
   current.block_dim = block;
@@ -268,12 +267,11 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_s
         if (!b.error.empty()) {
           last_error_ = cudaErrorLaunchFailure;
           last_message_ = "emulated kernel failed: " + b.error;
-          return last_error_;
+          return;
         }
       }
     }
   }
-  return cudaSuccess;
 }
 
 }  // namespace emu

@@ -28,6 +28,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -63,8 +64,8 @@ struct Indices {
 };
 extern Indices current;  // the running fiber's indices
 
-// Runs body once per thread of every block of the grid; returns a CUDA error code (cudaSuccess if none).
-cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
+// Runs body once per thread of every block of the grid; a failure is left for cudaGetLastError, as on a GPU.
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
 
 void sync_block();
 // Rendezvous of the lanes of `mask` in the caller's warp: deposits `bytes` of `operand`, waits for the others,
@@ -103,7 +104,7 @@ inline bool in_mask(unsigned mask, int lane) { return (mask >> lane) & 1u; }
 
 // PTX shfl.sync: lane j's value if j is a member of the mask and inside [min_lane, max_lane], own value if
 // j is outside the segment; reading a lane outside the mask is undefined on the hardware, an error here.
-template <typename V> V shuffle(unsigned mask, V v, int j, int width, bool ok) {
+template <typename V> V shuffle(unsigned mask, V v, int j, bool ok) {
   const auto all = gather(mask, v);
   if (!ok) return v;
   if (!in_mask(mask, j)) fail("warp shuffle reads a lane that is not in the mask");
@@ -180,19 +181,19 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::gather(mask, 0); }
 
 template <typename V> V __shfl_sync(unsigned mask, V v, int src, int width = 32) {
   const int lane = int(::emu::lane_id()), lo = lane & ~(width - 1);
-  return ::emu::shuffle(mask, v, lo + (src & (width - 1)), width, true);
+  return ::emu::shuffle(mask, v, lo + (src & (width - 1)), true);
 }
 template <typename V> V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
   const int lane = int(::emu::lane_id()), j = lane ^ lane_mask;
-  return ::emu::shuffle(mask, v, j, width, j <= ((lane & ~(width - 1)) | (width - 1)));
+  return ::emu::shuffle(mask, v, j, j <= ((lane & ~(width - 1)) | (width - 1)));
 }
 template <typename V> V __shfl_up_sync(unsigned mask, V v, unsigned delta, int width = 32) {
   const int lane = int(::emu::lane_id()), j = lane - int(delta);
-  return ::emu::shuffle(mask, v, j, width, j >= (lane & ~(width - 1)));
+  return ::emu::shuffle(mask, v, j, j >= (lane & ~(width - 1)));
 }
 template <typename V> V __shfl_down_sync(unsigned mask, V v, unsigned delta, int width = 32) {
   const int lane = int(::emu::lane_id()), j = lane + int(delta);
-  return ::emu::shuffle(mask, v, j, width, j <= ((lane & ~(width - 1)) | (width - 1)));
+  return ::emu::shuffle(mask, v, j, j <= ((lane & ~(width - 1)) | (width - 1)));
 }
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   const auto all = ::emu::gather(mask, predicate != 0);

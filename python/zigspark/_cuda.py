@@ -24,6 +24,7 @@ REBUILD_HINT = (
 # kernels compiled for the CPU (csrc/emulate), so backend="cuda" runs them on CPU tensors, as
 # TRITON_INTERPRET=1 runs the Triton kernels. Only for tests: it is thousands of times slower than a GPU.
 EMULATOR_ENV = "ZIGSPARK_CUDA_EMULATOR"
+_emulator_path = os.environ.get(EMULATOR_ENV) or None  # read once: it decides which module _load imports
 
 _module = None
 _load_error: str | None = None
@@ -32,7 +33,11 @@ _loaded = False
 
 def emulating() -> bool:
     """True when backend="cuda" runs the CPU emulation of the CUDA kernels (tests only)."""
-    return bool(os.environ.get(EMULATOR_ENV))
+    return _emulator_path is not None
+
+
+def _on_emulator(device: torch.device) -> bool:
+    return device.type == "cpu" and _emulator_path is not None
 
 
 def _import_emulator(path: str):
@@ -50,8 +55,7 @@ def _load():
     if not _loaded:
         _loaded = True
         try:
-            emulator = os.environ.get(EMULATOR_ENV)
-            _module = _import_emulator(emulator) if emulator else importlib.import_module("zigspark._C")
+            _module = _import_emulator(_emulator_path) if _emulator_path else importlib.import_module("zigspark._C")
         except ImportError as exc:
             _load_error = f"{type(exc).__name__}: {exc}"
     return _module
@@ -108,16 +112,16 @@ def ptr(t: torch.Tensor | None) -> int:
 
 def device_index(t: torch.Tensor) -> int:
     """The CUDA device a tensor lives on (a CUDA tensor's device always carries its index)."""
-    return 0 if t.device.type == "cpu" and emulating() else t.device.index
+    return 0 if _on_emulator(t.device) else t.device.index
 
 
 def stream_of(t: torch.Tensor) -> int:
-    if t.device.type == "cpu" and emulating():
+    if _on_emulator(t.device):
         return 0  # the emulator runs every launch synchronously
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def multiprocessor_count(device: torch.device) -> int:
-    if device.type == "cpu" and emulating():
+    if _on_emulator(device):
         return 132  # the emulated GPU is an H100 SXM
     return torch.cuda.get_device_properties(device).multi_processor_count
