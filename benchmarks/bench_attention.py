@@ -3,7 +3,8 @@
 Attention: every zigspark backend against torch SDPA (whichever kernel PyTorch picks) and eager attention,
 forward and forward + backward, causal and not, head_dim 64 and 128. TFLOP/s counts 4·B·S²·H·D for the
 forward, 2.5× that for the backward, half of it when causal; % is of the device's measured bf16 matmul peak.
-attention_received: against eager softmax-then-sum, time and peak memory.
+attention_received: against eager softmax-then-sum, time and peak memory. The Triton kernels tune their
+tiles on first use of each shape bucket (before timing starts); the tiles they picked are in the JSON.
 
     python benchmarks/bench_attention.py [--quick]
 """
@@ -96,7 +97,14 @@ def run(device, configs, dtype, progress=print) -> dict:
                 row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             results.append(row)
             progress(f"  b{batch} s{seqlen} h{heads} d{head_dim} received {name:<26} {ms:8.3f} ms")
-    return {"matmul_peak_tflops": peak, "results": results}
+    return {"matmul_peak_tflops": peak, "results": results, "tuned_tiles": tuned_tiles()}
+
+
+def tuned_tiles() -> dict:
+    """The Triton tiles that tuning picked in this run, per kernel and shape bucket (empty when none tuned)."""
+    from zigspark.triton_kernels import _tune
+
+    return _tune.chosen()
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,10 @@ import torch
 
 from zigspark import _alloc, _cuda, backends
 
+# Tests run the hand-picked Triton tiles: tuning would time every candidate for every test shape. The tests
+# that check tuning itself, and every candidate tile, switch it on or pin the tiles themselves.
+os.environ.setdefault("ZIGSPARK_AUTOTUNE", "0")
+
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 EMULATING = _cuda.emulating()

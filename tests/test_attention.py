@@ -1,6 +1,7 @@
 """zigspark.flash_attention and zigspark.attention_received: the reference against a naive full-matrix
 softmax (cpu tier), the Triton kernels by the numerics rule (interpret: tiny shapes; gpu: real sizes)."""
 
+import contextlib
 import math
 
 import pytest
@@ -215,6 +216,24 @@ def test_triton_attention_matches_reference(triton_device, dtype, case):
     check_attention_backend("triton", triton_device, dtype, case)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("head_dim, causal", [(16, False), (16, True), (96, True), (256, False)])
+def test_triton_attention_every_tile_candidate(triton_device, head_dim, causal):
+    """Every tile the GPU's tuning may pick gives the reference's results: forward, both backward kernels and
+    the received sums, each pinned to its i-th candidate in turn. Lengths over 128 keep the 128-row tiles."""
+    from zigspark.triton_kernels import _tune, attention as kernels
+
+    case = (1, 130, 150, 2, 1, head_dim, causal)
+    names = ("fwd", "dq", "dkdv", "received")
+    lists = {n: kernels.candidates(n, head_dim, case[1], case[2], torch.float16) for n in names}
+    assert any(b.block_m == 128 for b in lists["fwd"]) or head_dim > 128
+    for i in range(max(map(len, lists.values()))):
+        with contextlib.ExitStack() as pins:
+            for n in names:
+                pins.enter_context(_tune.pinned(f"attention.{n}", lists[n][i % len(lists[n])]))
+            check_attention_backend("triton", triton_device, torch.float16, case)
+
+
 # (batch, S_q, S_k, heads, kv heads, head_dim, causal): every head_dim bucket (32, 64, 128, 256), more than
 # one 64-query block and key tile, GQA, causal with S_q < and > S_k (queries that see no key).
 EMULATE_CASES = [*INTERPRET_CASES, (1, 70, 70, 2, 2, 64, True), (2, 65, 130, 2, 1, 128, False),
@@ -241,6 +260,19 @@ GPU_CASES = [(2, 1, 1, 4, 4, 64, False), (2, 17, 17, 4, 2, 40, True), (1, 128, 1
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_gpu_attention_matches_reference(backend, dtype, case):
     check_attention_backend(backend, torch.device("cuda"), dtype, case)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_tuned_tiles(monkeypatch):
+    """With tuning on (as outside the test tiers), each Triton kernel times its candidates once per shape
+    bucket, and what it picks still gives the reference's results."""
+    from zigspark.triton_kernels import _tune
+
+    monkeypatch.setenv(_tune.ENV, "1")
+    monkeypatch.setattr(_tune, "_best", {})
+    check_attention_backend("triton", torch.device("cuda"), torch.bfloat16, (2, 1000, 1000, 4, 2, 64, True))
+    picked = {key.split()[0] for key in _tune.chosen()}
+    assert picked == {"attention.fwd", "attention.dq", "attention.dkdv", "attention.received"}, _tune.chosen()
 
 
 @pytest.mark.gpu

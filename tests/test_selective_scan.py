@@ -375,14 +375,23 @@ def test_emulated_cuda_scan_matches_reference(dtype, case):
     check_scan_backend("cuda", torch.device("cpu"), dtype, batch=2 if case["length"] < 600 else 1, **case)
 
 
+def check_backward_precise_for_fast_decaying_states(backend, device):
+    """As the reference's test: the kernel's backward uses h_{t−1} rather than taking h_t − b_t."""
+    inputs, dout, exact = fast_decay_case()
+    leaves = [t.to(device).requires_grad_(True) for t in inputs]
+    out = zigspark.selective_scan(*leaves, backend=backend)
+    dA = torch.autograd.grad(out, leaves[2], dout.float().to(device))[0]
+    assert ((dA.double().cpu() - exact).abs() / exact.abs()).max() < 1e-4
+
+
 @pytest.mark.emulate
 def test_emulated_cuda_scan_backward_is_precise_for_fast_decaying_states():
-    """As the reference's test: the CUDA backward keeps h_{t−1} rather than taking h_t − b_t."""
-    inputs, dout, exact = fast_decay_case()
-    leaves = [t.clone().requires_grad_(True) for t in inputs]
-    out = zigspark.selective_scan(*leaves, backend="cuda")
-    dA = torch.autograd.grad(out, leaves[2], dout.float())[0]
-    assert ((dA.double() - exact).abs() / exact.abs()).max() < 1e-4
+    check_backward_precise_for_fast_decaying_states("cuda", torch.device("cpu"))
+
+
+@pytest.mark.interpret
+def test_triton_scan_backward_is_precise_for_fast_decaying_states(triton_device):
+    check_backward_precise_for_fast_decaying_states("triton", triton_device)
 
 
 @pytest.mark.emulate

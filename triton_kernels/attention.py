@@ -13,7 +13,8 @@ s_ij = scale·q_i·k_j (causal: key j visible to query i iff j ≤ i + S_k − S
             saved lse, so nothing of size S_q × S_k is ever stored.
 
 Exponentials are taken base 2 with the scale folded into log2(e). head_dim is padded to a power of two
-(≥ 16) with masked loads, so any head_dim up to 256 works.
+(≥ 16) with masked loads, so any head_dim up to 256 works. Tile sizes are timed once per shape bucket on
+the GPU (_tune.py); the interpreter and ZIGSPARK_AUTOTUNE=0 run the hand-picked first candidate.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from .._alloc import new_output, new_output_like
+from . import _tune
+from ._tune import Blocks as B
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -239,19 +242,48 @@ def _attn_received_kernel(
     tl.store(R + bh * seqlen_k + offs_n, received, mask=offs_n < seqlen_k)
 
 
-def _blocks(head_dim: int, seqlen_q: int, seqlen_k: int, fp32: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). float32 (IEEE dot products) needs smaller tiles: at the
-    half-precision sizes ptxas spills kilobytes per thread, and D > 128 overflows an A100's shared memory
-    (ahead-of-time compiles for sm_80/sm_90, Triton 3.6)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if fp32:
-        big, num_warps = (32, 8) if block_d <= 64 else (16, 8)
-    else:
-        big = 64 if block_d <= 64 else 32
-        num_warps = 4 if block_d <= 64 else 8
-    block_m = min(big, max(16, triton.next_power_of_2(seqlen_q)))
-    block_n = min(big, max(16, triton.next_power_of_2(seqlen_k)))
-    return block_m, block_n, block_d, num_warps
+# Candidate tiles per kernel and head_dim bucket (BLOCK_D ≤ 64, 128, 256), for fp16/bf16; the first is the
+# hand-picked one, the rest are timed against it on the GPU (_tune). The forward and dQ programs own a query
+# block and stream key blocks; the dK/dV and received programs own a key block and stream query blocks.
+_HALF_CANDIDATES = {
+    "fwd": {64: [B(64, 64, 4), B(128, 64, 4), B(128, 128, 8)],
+            128: [B(32, 32, 8), B(64, 64, 4), B(128, 64, 8)],
+            256: [B(32, 32, 8), B(64, 32, 8, 2), B(64, 64, 8, 2)]},
+    "dq": {64: [B(64, 64, 4), B(128, 64, 8), B(64, 32, 4)],
+           128: [B(32, 32, 8), B(64, 64, 8), B(128, 32, 8, 2)],
+           256: [B(32, 32, 8), B(32, 64, 8, 2)]},
+    "dkdv": {64: [B(64, 64, 4), B(32, 64, 4), B(128, 64, 8)],
+             128: [B(32, 32, 8), B(32, 64, 8), B(64, 64, 8)],
+             256: [B(32, 32, 8), B(16, 32, 8, 2)]},
+    "received": {64: [B(64, 64, 4), B(64, 128, 4), B(128, 128, 8)],
+                 128: [B(32, 32, 8), B(64, 64, 4), B(64, 128, 8)],
+                 256: [B(32, 32, 8), B(64, 64, 8, 2), B(32, 64, 8, 2)]},
+}
+# float32 (IEEE dot products, FMA only) keeps one smaller tile, unpipelined: at the half-precision sizes
+# ptxas spills kilobytes per thread, D > 128 overflows an A100's shared memory, and at D = 256 the dK/dV
+# kernel spills ~4 KB with 2 or 3 stages. Every tile here and above compiles without spills for sm_90a
+# (ahead of time, Triton 3.6 with its ptxas 12.8; no candidate has been timed on a GPU yet).
+_FP32_BLOCKS = {64: B(32, 32, 8, 1), 128: B(16, 16, 8, 1), 256: B(16, 16, 8, 1)}
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def candidates(kernel: str, head_dim: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> list:
+    """The tiles `kernel` ("fwd", "dq", "dkdv", "received") may run with, fitted to the sequence lengths."""
+    bucket = max(64, _block_d(head_dim))
+    listed = [_FP32_BLOCKS[bucket]] if dtype == torch.float32 else _HALF_CANDIDATES[kernel][bucket]
+    return _tune.fit(listed, seqlen_q, seqlen_k)
+
+
+def _launch(kernel: str, q, seqlen_k: int, run, *flags) -> None:
+    """Run `run(blocks)` with the tuned tile for this kernel and shape bucket."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    key = (q.dtype, _block_d(head_dim), _tune.bucket(seqlen_q), _tune.bucket(seqlen_k),
+           _tune.bucket(batch * heads), *flags)
+    _tune.launch(f"attention.{kernel}", key, candidates(kernel, head_dim, seqlen_q, seqlen_k, q.dtype), run,
+                 q.device)
 
 
 def _strides(t):
@@ -262,17 +294,20 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     """-> (out (B, S_q, H, D) or None, lse (B, H, S_q) float32). Last dims contiguous."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
     lse = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     out = new_output_like(q) if need_out else None
     vv, oo = (v, out) if need_out else (k, q)  # placeholders when only lse is wanted (HAS_V = False)
-    grid = (triton.cdiv(seqlen_q, bm), batch * heads)
-    _attn_fwd_kernel[grid](
-        q, k, vv, oo, lse, *_strides(q), *_strides(k), *_strides(vv), *_strides(oo),
-        seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
-        CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
-    )
+
+    def run(t):
+        _attn_fwd_kernel[(triton.cdiv(seqlen_q, t.block_m), batch * heads)](
+            q, k, vv, oo, lse, *_strides(q), *_strides(k), *_strides(vv), *_strides(oo),
+            seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
+            CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+
+    _launch("fwd", q, seqlen_k, run, causal, need_out)
     return out, lse
 
 
@@ -280,22 +315,32 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     """-> (dq, dk, dv) in the inputs' dtypes."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # (B, H, S_q)
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     ieee = q.dtype == torch.float32
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, bn), batch * kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        seqlen_q, seqlen_k, heads, kv_heads, heads // kv_heads, head_dim, scale, scale * LOG2E,
-        CAUSAL=causal, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
-    )
-    _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, bm), batch * heads)](
-        q, k, v, dout, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale, scale * LOG2E,
-        CAUSAL=causal, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
-    )
+    group = heads // kv_heads
+
+    def run_dkdv(t):
+        _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, t.block_n), batch * kv_heads)](
+            q, k, v, dout, lse, delta, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+            seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, scale * LOG2E,
+            CAUSAL=causal, IEEE=ieee, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+
+    def run_dq(t):
+        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, t.block_m), batch * heads)](
+            q, k, v, dout, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+            seqlen_q, seqlen_k, heads, group, head_dim, scale, scale * LOG2E,
+            CAUSAL=causal, IEEE=ieee, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+
+    # the dK/dV programs each loop over the `group` query heads of their key head: tune per group size
+    _launch("dkdv", q, seqlen_k, run_dkdv, causal, group)
+    _launch("dq", q, seqlen_k, run_dq, causal)
     return dq, dk, dv
 
 
@@ -303,13 +348,17 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
     """-> (B, H, S_k) float32: per head, Σ_i w_i·p_ij."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    bm, bn, bd, warps = _blocks(head_dim, seqlen_q, seqlen_k, q.dtype == torch.float32)
     received = new_output((batch, heads, seqlen_k), torch.float32, q.device)
     weight = None if query_weight is None else query_weight.to(torch.float32).contiguous()
-    _attn_received_kernel[(triton.cdiv(seqlen_k, bn), batch * heads)](
-        q, k, lse, weight if weight is not None else lse, received, *_strides(q), *_strides(k),
-        seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
-        CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
-    )
+
+    def run(t):
+        _attn_received_kernel[(triton.cdiv(seqlen_k, t.block_n), batch * heads)](
+            q, k, lse, weight if weight is not None else lse, received, *_strides(q), *_strides(k),
+            seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
+            CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+
+    _launch("received", q, seqlen_k, run, causal)
     return received

@@ -13,8 +13,8 @@ dim, chunks, N) so the backward recomputes inside chunks instead of storing ever
 
 Backward, chunks in reverse, with g = ∂L/∂y (after the gate) and the adjoint of the state
     ∂h_t = g_t·C_t + a_{t+1}·∂h_{t+1}   (a reverse associative scan; a_{t+1} read at step t+1's position)
-gives ∂b_t = ∂h_t and, using a_t·h_{t−1} = h_t − b_t (no need for the previous state),
-    ∂Δ_t = Σ_n ∂h_t·(h_t − b_t)·A + Σ_n ∂h_t·B_t·u_t,   ∂A = Σ_t ∂h_t·(h_t − b_t)·Δ_t,
+gives ∂b_t = ∂h_t and, with h_{t−1} the recomputed states shifted by one step,
+    ∂Δ_t = Σ_n ∂h_t·a_t·h_{t−1}·A + Σ_n ∂h_t·B_t·u_t,   ∂A = Σ_t ∂h_t·a_t·h_{t−1}·Δ_t,
     ∂u_t = Σ_n ∂h_t·B_t·Δ_t + D·g_t,   ∂B_t = ∂h_t·Δ_t·u_t,   ∂C_t = g_t·h_t.
 ∂B and ∂C of shared (per-step or grouped) B/C are summed over channels with atomic adds.
 """
@@ -84,7 +84,7 @@ def _chunk_states(B, C, A_dn, u, delta, h0, b, d, n, pos, dn_ok, t_ok, dim, N, L
     a = tl.exp(delta[:, None, :] * A_dn[:, :, None])
     bterm = (delta * u)[:, None, :] * Bt
     a_cum, b_cum = tl.associative_scan((a, bterm), axis=2, combine_fn=_combine)
-    return bc_mask, b_offs, c_offs, Bt, Ct, bterm, a_cum * h0[:, :, None] + b_cum
+    return bc_mask, b_offs, c_offs, Bt, Ct, a, a_cum * h0[:, :, None] + b_cum
 
 
 @triton.jit
@@ -162,8 +162,12 @@ def _selective_scan_bwd_kernel(
                                                    SOFTPLUS)
         # recompute the chunk's states from the saved state entering it
         h0 = tl.load(ckpt + c * N, mask=dn_ok, other=0.0)
-        bc_mask, b_offs, c_offs, Bt, Ct, bterm, hs = _chunk_states(B, C, A_dn, u, delta, h0, b, d, n, pos, dn_ok, t_ok,
+        bc_mask, b_offs, c_offs, Bt, Ct, a, hs = _chunk_states(B, C, A_dn, u, delta, h0, b, d, n, pos, dn_ok, t_ok,
                                                                    dim, N, L, groups, B_MODE, C_MODE)
+        # a_t·h_{t−1} from the states shifted by one step (h0 before the chunk's first): h_t − b_t would
+        # cancel where the state decays fast (a_t ≪ 1) and cost dA and ∂Δ most of their precision there
+        shift = tl.broadcast_to(tl.maximum(step - 1, 0)[None, None, :], (BLOCK_D, N_PAD, T))
+        ah = a * tl.where(step[None, None, :] == 0, h0[:, :, None], tl.gather(hs, shift, axis=2))
         g = tl.load(DOUT + offs, mask=valid, other=0.0).to(tl.float32)
         if HAS_Z:
             y = tl.sum(hs * Ct, axis=1)
@@ -184,7 +188,6 @@ def _selective_scan_bwd_kernel(
         r_cum, s_cum = tl.associative_scan((a_next, gC), axis=2, combine_fn=_combine, reverse=True)
         dh = r_cum * dh_next[:, :, None] + s_cum
         dh_next = tl.sum(tl.where(step[None, None, :] == 0, dh, 0.0), axis=2)
-        ah = hs - bterm                                         # a_t·h_{t−1}
         dh_ah = dh * ah
         dh_B = tl.sum(dh * Bt, axis=1)
         ddelta = tl.sum(dh_ah * A_dn[:, :, None], axis=1) + dh_B * u
@@ -229,11 +232,12 @@ def _groups(B: torch.Tensor, C: torch.Tensor) -> int:
 
 
 def _config(dim: int, N: int, L: int):
-    """(BLOCK_D, N_PAD, T): about 4096 elements per (BLOCK_D, N_PAD, T) tile, shrinking the chunk T before
-    the block of channels for large N (at 1×256×64 ptxas spills kilobytes per thread)."""
+    """(BLOCK_D, N_PAD, T) of the forward: about 4096 elements per (BLOCK_D, N_PAD, T) tile, shrinking the
+    chunk T before the block of channels for large N (at 1×256×64 ptxas spills kilobytes per thread). The
+    backward halves BLOCK_D, and needs N_PAD·T ≤ 2048 to stay clear of spills (1×64×64 spills ~700 bytes)."""
     n_pad = max(triton.next_power_of_2(N), 2)
     chunk = min(64, max(16, triton.next_power_of_2(L)))
-    chunk = max(16, min(chunk, 4096 // n_pad))
+    chunk = max(16, min(chunk, 2048 // n_pad))
     block_d = max(1, min(triton.next_power_of_2(dim), 4096 // (n_pad * chunk), 16))
     return block_d, n_pad, chunk
 
@@ -265,6 +269,10 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
     batch, dim, L = u.shape
     N = A.shape[1]
     block_d, n_pad, chunk = _config(dim, N, L)
+    # half the forward's channels per program: the shifted states for a_t·h_{t−1} cost registers, and at
+    # 4×16×64 ptxas spills ~360 bytes per thread with 8 warps, none at 2×16×64 (ahead-of-time, sm_90a).
+    # The chunk length must stay the forward's, where the checkpoints are.
+    block_d = max(1, block_d // 2)
     n_chunks = ckpt.shape[2]
     f32 = dict(device=u.device, dtype=torch.float32)
     du = new_output((batch, dim, L), torch.float32, u.device)

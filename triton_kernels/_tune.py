@@ -1,0 +1,112 @@
+"""Block sizes for the Triton kernels: time the candidates once per shape bucket and keep the fastest.
+
+A launcher lists its candidate `Blocks`, the hand-picked one first, and calls
+`launch(name, key, candidates, run)`, where run(blocks) launches the kernel with those blocks. The first time
+a (name, key) is seen on a GPU, every candidate is timed with triton.testing.do_bench. A candidate that does
+not fit the device (shared memory, registers) counts as infinitely slow. The fastest is remembered for the
+process. The launcher rounds the key, for example sequence lengths to powers of two, so a training loop tunes
+once and a new length in the same range reuses the choice.
+
+The first candidate runs, with nothing timed:
+  - in the Triton interpreter, where timing means nothing;
+  - with ZIGSPARK_AUTOTUNE=0. The test tiers set this, because tuning every test shape would compile every
+    candidate for every shape;
+  - while a CUDA graph is being captured, where synchronising to time would break the capture.
+`pinned(name, blocks)` forces one candidate. Tests use it to check each candidate against the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+ENV = "ZIGSPARK_AUTOTUNE"
+
+
+class Blocks(NamedTuple):
+    block_m: int      # query rows per tile
+    block_n: int      # key rows per tile
+    num_warps: int
+    num_stages: int = 3
+
+
+_best: dict[tuple, Blocks] = {}
+_pinned: dict[str, Blocks] = {}
+
+
+def enabled() -> bool:
+    return (os.environ.get(ENV, "1") not in ("", "0")
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a power of two: the part of a size that a tuning key keeps."""
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def fit(candidates: Sequence[Blocks], seqlen_m: int, seqlen_n: int) -> list[Blocks]:
+    """The candidates with tiles no longer than the sequences need (but at least 16, tl.dot's smallest
+    operand), in order, without repeats."""
+    cap_m, cap_n = max(16, bucket(seqlen_m)), max(16, bucket(seqlen_n))
+    fitted = [b._replace(block_m=min(b.block_m, cap_m), block_n=min(b.block_n, cap_n)) for b in candidates]
+    return list(dict.fromkeys(fitted))
+
+
+def launch(name: str, key: tuple, candidates: Sequence[Blocks], run: Callable[[Blocks], None],
+           device: torch.device) -> Blocks:
+    """Run `run` with the best candidate for (name, device, key); returns the Blocks it ran with."""
+    if name in _pinned:
+        blocks = _pinned[name]
+    elif len(candidates) == 1 or not enabled() or _capturing(device):
+        blocks = candidates[0]
+    else:
+        full_key = (name, str(device), *key)
+        blocks = _best.get(full_key)
+        if blocks is None:
+            timings = {b: _time(run, b) for b in candidates}
+            blocks = min(timings, key=timings.get)
+            if math.isinf(timings[blocks]):
+                raise RuntimeError(f"zigspark: no block size of the Triton kernel {name} fits this device "
+                                   f"(tried {list(candidates)}); set {ENV}=0 to see the first one's error")
+            _best[full_key] = blocks
+    run(blocks)
+    return blocks
+
+
+def chosen() -> dict[str, str]:
+    """What tuning picked in this process, readable: {"name device key...": "BLOCK_M×BLOCK_N w.. s.."}."""
+    return {" ".join(map(str, k)): f"{b.block_m}x{b.block_n} w{b.num_warps} s{b.num_stages}"
+            for k, b in _best.items()}
+
+
+@contextlib.contextmanager
+def pinned(name: str, blocks: Blocks):
+    """Launch kernel `name` with `blocks` inside the block, tuned or not."""
+    before = _pinned.get(name)
+    _pinned[name] = blocks
+    try:
+        yield
+    finally:
+        if before is None:
+            del _pinned[name]
+        else:
+            _pinned[name] = before
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _time(run: Callable[[Blocks], None], blocks: Blocks) -> float:
+    """Median milliseconds of run(blocks); inf when the candidate does not compile or fit the device."""
+    import triton.testing
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    try:
+        return float(triton.testing.do_bench(lambda: run(blocks), warmup=5, rep=20, return_mode="median"))
+    except (OutOfResources, PTXASError):
+        return math.inf
