@@ -83,6 +83,12 @@ def test_emulated_cuda_sparse_ffn_extreme_gates_and_slice_plans(slices, dtype):
     check_extreme_gates_and_slice_plans("cpu", 130, 33, slices, dtype)
 
 
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_emulated_cuda_sparse_ffn_strided_weights(dtype):
+    check_strided_weights("cpu", dtype, d=66, r=13, f=70, tokens=3, batched_d=64)
+
+
 def check_extreme_gates_and_slice_plans(device, d, r, slices, dtype):
     """Row 0: no neuron active (out exactly 0); row 1: every neuron active; row 2: about half; then tokens
     at the usual density. Direct call with a given gate, for every slice plan (one slice writes out itself)."""
@@ -110,32 +116,35 @@ def test_gpu_cuda_sparse_ffn_extreme_gates_and_slice_plans(d, r, slices, dtype):
     check_extreme_gates_and_slice_plans("cuda", d, r, slices, dtype)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-def test_gpu_cuda_sparse_ffn_strided_weights(dtype):
+def check_strided_weights(device, dtype, d=520, r=100, f=1500, tokens=40, batched_d=512):
     """K2 and Vᵀ as row-strided views of wider buffers (K2 rows start at every 16-byte phase; Vᵀ rows once
     aligned, once not), x non-contiguous with batch dimensions."""
-    d, r, f = 520, 100, 1500
-    gen = torch.Generator("cuda").manual_seed(2)
-    K2 = (torch.randn(f, d - r + 3, device="cuda", dtype=torch.float64, generator=gen) / 20)[:, 1:d - r + 1]
-    gate = torch.relu(torch.randn(40, f, device="cuda", dtype=torch.float64, generator=gen) - 1.4)
-    x = torch.randn(40, d, device="cuda", dtype=torch.float64, generator=gen)
+    gen = torch.Generator(device).manual_seed(2)
+    K2 = (torch.randn(f, d - r + 3, device=device, dtype=torch.float64, generator=gen) / 20)[:, 1:d - r + 1]
+    gate = torch.relu(torch.randn(tokens, f, device=device, dtype=torch.float64, generator=gen) - 1.4)
+    x = torch.randn(tokens, d, device=device, dtype=torch.float64, generator=gen)
     for pad in (8, 1):
-        VT = (torch.randn(f, d + pad, device="cuda", dtype=torch.float64, generator=gen) / 40)[:, :d]
+        VT = (torch.randn(f, d + pad, device=device, dtype=torch.float64, generator=gen) / 40)[:, :d]
         low = [t.to(dtype) for t in (x, gate, K2, VT)]
-        low[2] = torch.empty(f, d - r + 3, device="cuda", dtype=dtype)[:, 1:d - r + 1].copy_(low[2])
-        low[3] = torch.empty(f, d + pad, device="cuda", dtype=dtype)[:, :d].copy_(low[3])
+        low[2] = torch.empty(f, d - r + 3, device=device, dtype=dtype)[:, 1:d - r + 1].copy_(low[2])
+        low[3] = torch.empty(f, d + pad, device=device, dtype=dtype)[:, :d].copy_(low[3])
         assert low[2].stride(0) == d - r + 3 and low[3].stride(0) == d + pad
         out = cuda_ffn.spark_ffn_sparse(*low, r)
         assert_by_rule(out, formula(*(t.double() for t in low), r), formula(*low, r),
                        what=f"cuda sparse FFN strided (pad {pad})", rel_floor=1e-5)
-    weights64 = ffn_weights(512, 128)
+    weights64 = ffn_weights(batched_d, batched_d // 4, device=device)
     weights = [t.to(dtype) for t in weights64]
-    xb = torch.randn(3, 7, 1024, device="cuda", dtype=torch.float64, generator=gen).to(dtype)[..., ::2]  # strided
+    xb = torch.randn(3, 7, 2 * batched_d, device=device, dtype=torch.float64, generator=gen).to(dtype)[..., ::2]
     out = zigspark.spark_ffn(xb, *weights, 0.08, sparse=True, backend="cuda")
-    assert out.shape == xb.shape == (3, 7, 512)
+    assert out.shape == xb.shape == (3, 7, batched_d)
     assert_by_rule(out, zigspark.spark_ffn(xb.double(), *weights64, 0.08), zigspark.spark_ffn(xb, *weights, 0.08),
                    what="cuda sparse FFN, strided 3-D x", rel_floor=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_gpu_cuda_sparse_ffn_strided_weights(dtype):
+    check_strided_weights("cuda", dtype)
 
 
 @pytest.mark.gpu
