@@ -8,7 +8,8 @@ s_ij = scale·q_i·k_j (causal: key j visible to query i iff j ≤ i + S_k − S
   backward  δ_i = Σ_d dO_id·O_id;  p = e^{s − lse};  dv_j = Σ_i p_ij·dO_i;  ds = p·(dO_i·v_j − δ_i);
             dk_j = scale·Σ_i ds_ij·q_i  (one program per key block, looping over the query blocks and the
             query heads of its key head);  dq_i = scale·Σ_j ds_ij·k_j  (one program per query block).
-            Both passes handle causal and non-causal attention; causal blocks with no visible pair are skipped.
+            Both passes handle causal and non-causal attention; causal blocks with no visible pair are skipped,
+            and in fp16/bf16 the tiles where every pair is visible run in a loop of their own, unmasked.
   received  r_j = Σ_i w_i·p_ij per head: one program per key block, looping over query blocks with the
             saved lse, so nothing of size S_q × S_k is ever stored.
 
@@ -39,11 +40,67 @@ def _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _full_key_end(pid_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """For a query block: key tiles below this end are visible to every row (no mask needed)."""
+    end = seqlen_k // BLOCK_N * BLOCK_N
+    if CAUSAL:  # every row sees the keys its first row sees: j ≤ first row + S_k − S_q
+        end = tl.minimum(end, tl.maximum(pid_m * BLOCK_M + seqlen_k - seqlen_q + 1, 0) // BLOCK_N * BLOCK_N)
+    return end
+
+
+@triton.jit
+def _full_query_start(pid_n, start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """For a key block: query tiles from here on see every key of it (no mask needed). Bounds need no mask
+    in these kernels: rows past S_q load lse = −inf, so their p is 0, and columns past S_k are never stored
+    (nothing sums across keys)."""
+    start = start_m
+    if CAUSAL:  # the block's last key is visible from row n0 + BLOCK_N − 1 − (S_k − S_q) on
+        first = tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - (seqlen_k - seqlen_q), 0)
+        start = tl.maximum((first + BLOCK_M - 1) // BLOCK_M * BLOCK_M, start_m)
+    return start
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_tile(q, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, m_i, l_i, acc,
+              seqlen_q, seqlen_k, qk_scale_log2,
+              CAUSAL: tl.constexpr, HAS_V: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax; MASKED applies the bounds and the causal mask."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = d_ok[None, :]
+    if MASKED:
+        kv_ok = kv_ok & (offs_n[:, None] < seqlen_k)
+    kt = tl.load(K_head + offs_n[None, :] * sk_s + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
+    s = _dot(q, kt, IEEE) * qk_scale_log2
+    if MASKED:
+        s = tl.where(_visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no visible key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if HAS_V:
+        v = tl.load(V_head + offs_n[:, None] * sv_s + offs_d[None, :], mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale_log2,
-    CAUSAL: tl.constexpr, HAS_V: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_V: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -57,34 +114,23 @@ def _attn_fwd_kernel(
     m_ok = offs_m < seqlen_q
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    K_head = K + b * sk_b + hk * sk_h
+    V_head = V + b * sv_b + hk * sv_h
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     end_n = seqlen_k
     if CAUSAL:
         end_n = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q)
-    for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_s + offs_d[:, None],
-                     mask=(offs_n[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = tl.where(_visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL), s * qk_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no visible key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HAS_V:
-            v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
-                        mask=(offs_n[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    full_end = 0
+    if SPLIT:
+        full_end = _full_key_end(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+        for start_n in range(0, full_end, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, m_i, l_i,
+                                      acc, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_V, IEEE, False, BLOCK_N)
+    for start_n in range(full_end, end_n, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, m_i, l_i, acc,
+                                  seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_V, IEEE, True, BLOCK_N)
     has_key = l_i > 0.0
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=m_ok)
@@ -96,15 +142,33 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2,
-           CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """p = exp(s − lse) for a (BLOCK_M, BLOCK_N) tile, 0 where not visible or the query sees no key."""
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee")
-    else:
-        s = tl.dot(q, kt)
+           CAUSAL: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """p = exp(s − lse) for a (BLOCK_M, BLOCK_N) tile; 0 where the query sees no key (lse = −inf) and, when
+    MASKED, where the pair is out of bounds or not visible."""
+    s = _dot(q, kt, IEEE)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     p = tl.exp2(s * qk_scale_log2 - lse2[:, None])
-    return tl.where(_visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL), p, 0.0)
+    if MASKED:
+        p = tl.where(_visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL), p, 0.0)
+    return p
+
+
+@triton.jit
+def _dkdv_tile(Q_head, DO_head, LSE_head, DELTA_head, sq_s, sdo_s, m0, kt, vt, offs_n, offs_d, d_ok, dk, dv,
+               seqlen_q, seqlen_k, qk_scale_log2,
+               CAUSAL: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seqlen_q
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q_head + offs_m[:, None] * sq_s + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO_head + offs_m[:, None] * sdo_s + offs_d[None, :], mask=md_mask, other=0.0)
+    lse = tl.load(LSE_head + offs_m, mask=m_ok, other=float("-inf"))
+    delta = tl.load(DELTA_head + offs_m, mask=m_ok, other=0.0)
+    p = _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, MASKED)
+    dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
+    ds = p * (_dot(do, vt, IEEE) - delta[:, None])
+    dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
+    return dk, dv
 
 
 @triton.jit
@@ -113,7 +177,7 @@ def _attn_bwd_dkdv_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
     sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
     seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, qk_scale_log2,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -134,28 +198,22 @@ def _attn_bwd_dkdv_kernel(
     start_m = 0
     if CAUSAL:  # queries that see none of these keys are skipped
         start_m = tl.maximum(pid_n * BLOCK_N - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
+    full_start = seqlen_q
+    if SPLIT:
+        full_start = _full_query_start(pid_n, start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     for h in range(hk * group, hk * group + group):
-        for m0 in range(start_m, seqlen_q, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < seqlen_q
-            md_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=md_mask, other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=md_mask,
-                         other=0.0)
-            lse = tl.load(LSE + (b * heads + h) * seqlen_q + offs_m, mask=m_ok, other=float("-inf"))
-            delta = tl.load(DELTA + (b * heads + h) * seqlen_q + offs_m, mask=m_ok, other=0.0)
-            p = _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE)
-            if IEEE:
-                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-                dp = tl.dot(do, vt, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p).to(do.dtype), do)
-                dp = tl.dot(do, vt)
-            ds = p * (dp - delta[:, None])
-            if IEEE:
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        Q_head = Q + b * sq_b + h * sq_h
+        DO_head = DO + b * sdo_b + h * sdo_h
+        LSE_head = LSE + (b * heads + h) * seqlen_q
+        DELTA_head = DELTA + (b * heads + h) * seqlen_q
+        for m0 in range(start_m, tl.minimum(full_start, seqlen_q), BLOCK_M):
+            dk, dv = _dkdv_tile(Q_head, DO_head, LSE_head, DELTA_head, sq_s, sdo_s, m0, kt, vt, offs_n, offs_d,
+                                d_ok, dk, dv, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, True, BLOCK_M)
+        if SPLIT:
+            for m0 in range(full_start, seqlen_q, BLOCK_M):
+                dk, dv = _dkdv_tile(Q_head, DO_head, LSE_head, DELTA_head, sq_s, sdo_s, m0, kt, vt, offs_n,
+                                    offs_d, d_ok, dk, dv, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, False,
+                                    BLOCK_M)
     tl.store(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_s + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -163,11 +221,26 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tile(q, do, lse, delta, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, dq,
+             seqlen_q, seqlen_k, qk_scale_log2,
+             CAUSAL: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    nd_mask = d_ok[None, :]
+    if MASKED:
+        nd_mask = nd_mask & (offs_n[:, None] < seqlen_k)
+    k = tl.load(K_head + offs_n[:, None] * sk_s + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(V_head + offs_n[:, None] * sv_s + offs_d[None, :], mask=nd_mask, other=0.0)
+    p = _probs(q, tl.trans(k), lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, MASKED)
+    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, IEEE)
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
     seqlen_q, seqlen_k, heads, group, head_dim, scale, qk_scale_log2,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -184,27 +257,38 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=md_mask, other=0.0)
     lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=float("-inf"))
     delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
+    K_head = K + b * sk_b + hk * sk_h
+    V_head = V + b * sv_b + hk * sv_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     end_n = seqlen_k
     if CAUSAL:
         end_n = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q)
-    for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        nd_mask = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
-        k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_s + offs_d[None, :], mask=nd_mask, other=0.0)
-        v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_s + offs_d[None, :], mask=nd_mask, other=0.0)
-        p = _probs(q, tl.trans(k), lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE)
-        if IEEE:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+    full_end = 0
+    if SPLIT:
+        full_end = _full_key_end(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _dq_tile(q, do, lse, delta, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, dq,
+                          seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, False, BLOCK_N)
+    for start_n in range(full_end, end_n, BLOCK_N):
+        dq = _dq_tile(q, do, lse, delta, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, dq,
+                      seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, True, BLOCK_N)
     tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit
+def _received_tile(Q_head, LSE_head, WEIGHT, sq_s, m0, kt, offs_n, offs_d, d_ok, received,
+                   seqlen_q, seqlen_k, qk_scale_log2,
+                   CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seqlen_q
+    q = tl.load(Q_head + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(LSE_head + offs_m, mask=m_ok, other=float("-inf"))
+    p = _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, MASKED)
+    if HAS_WEIGHT:
+        p = p * tl.load(WEIGHT + offs_m, mask=m_ok, other=0.0)[:, None]
+    return received + tl.sum(p, axis=0)
 
 
 @triton.jit
@@ -212,7 +296,7 @@ def _attn_received_kernel(
     Q, K, LSE, WEIGHT, R,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale_log2,
-    CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -225,20 +309,22 @@ def _attn_received_kernel(
     d_ok = offs_d < head_dim
     kt = tl.load(K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_s + offs_d[:, None],
                  mask=(offs_n[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
+    Q_head = Q + b * sq_b + h * sq_h
+    LSE_head = LSE + bh * seqlen_q
     received = tl.zeros([BLOCK_N], dtype=tl.float32)
     start_m = 0
     if CAUSAL:
         start_m = tl.maximum(pid_n * BLOCK_N - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
-    for m0 in range(start_m, seqlen_q, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < seqlen_q
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=float("-inf"))
-        p = _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE)
-        if HAS_WEIGHT:
-            p = p * tl.load(WEIGHT + offs_m, mask=m_ok, other=0.0)[:, None]
-        received += tl.sum(p, axis=0)
+    full_start = seqlen_q
+    if SPLIT:
+        full_start = _full_query_start(pid_n, start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    for m0 in range(start_m, tl.minimum(full_start, seqlen_q), BLOCK_M):
+        received = _received_tile(Q_head, LSE_head, WEIGHT, sq_s, m0, kt, offs_n, offs_d, d_ok, received,
+                                  seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_WEIGHT, IEEE, True, BLOCK_M)
+    if SPLIT:
+        for m0 in range(full_start, seqlen_q, BLOCK_M):
+            received = _received_tile(Q_head, LSE_head, WEIGHT, sq_s, m0, kt, offs_n, offs_d, d_ok, received,
+                                      seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_WEIGHT, IEEE, False, BLOCK_M)
     tl.store(R + bh * seqlen_k + offs_n, received, mask=offs_n < seqlen_k)
 
 
@@ -247,10 +333,10 @@ def _attn_received_kernel(
 # block and stream key blocks; the dK/dV and received programs own a key block and stream query blocks.
 _HALF_CANDIDATES = {
     "fwd": {64: [B(64, 64, 4), B(128, 64, 4), B(128, 128, 8)],
-            128: [B(32, 32, 8), B(64, 64, 4), B(128, 64, 8)],
-            256: [B(32, 32, 8), B(64, 32, 8, 2), B(64, 64, 8, 2)]},
+            128: [B(32, 32, 8), B(64, 64, 8), B(128, 64, 8)],
+            256: [B(32, 32, 8), B(32, 64, 8, 2), B(32, 32, 4, 2)]},
     "dq": {64: [B(64, 64, 4), B(128, 64, 8), B(64, 32, 4)],
-           128: [B(32, 32, 8), B(64, 64, 8), B(128, 32, 8, 2)],
+           128: [B(32, 32, 8), B(64, 32, 8), B(128, 32, 8, 2)],
            256: [B(32, 32, 8), B(32, 64, 8, 2)]},
     "dkdv": {64: [B(64, 64, 4), B(32, 64, 4), B(128, 64, 8)],
              128: [B(32, 32, 8), B(32, 64, 8), B(64, 64, 8)],
@@ -261,8 +347,9 @@ _HALF_CANDIDATES = {
 }
 # float32 (IEEE dot products, FMA only) keeps one smaller tile, unpipelined: at the half-precision sizes
 # ptxas spills kilobytes per thread, D > 128 overflows an A100's shared memory, and at D = 256 the dK/dV
-# kernel spills ~4 KB with 2 or 3 stages. Every tile here and above compiles without spills for sm_90a
-# (ahead of time, Triton 3.6 with its ptxas 12.8; no candidate has been timed on a GPU yet).
+# kernel spills ~4 KB with 2 or 3 stages. Every tile here and above spills at most 8 bytes per thread in
+# every kernel, causal or not (ahead-of-time compiles for sm_90a, Triton 3.6 with its ptxas 12.8); none has
+# been timed on a GPU yet.
 _FP32_BLOCKS = {64: B(32, 32, 8, 1), 128: B(16, 16, 8, 1), 256: B(16, 16, 8, 1)}
 
 
@@ -275,6 +362,13 @@ def candidates(kernel: str, head_dim: int, seqlen_q: int, seqlen_k: int, dtype: 
     bucket = max(64, _block_d(head_dim))
     listed = [_FP32_BLOCKS[bucket]] if dtype == torch.float32 else _HALF_CANDIDATES[kernel][bucket]
     return _tune.fit(listed, seqlen_q, seqlen_k)
+
+
+def _split(q) -> bool:
+    """Whether the kernels run fully visible tiles in a loop of their own, without masks. Not for float32:
+    its FMA-only dot products leave no registers for a second copy of the loop (the dK/dV kernel spills
+    0.3–2 KB per thread at every float32 tile, ahead-of-time for sm_90a)."""
+    return q.dtype != torch.float32
 
 
 def _launch(kernel: str, q, seqlen_k: int, run, *flags) -> None:
@@ -302,7 +396,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
         _attn_fwd_kernel[(triton.cdiv(seqlen_q, t.block_m), batch * heads)](
             q, k, vv, oo, lse, *_strides(q), *_strides(k), *_strides(vv), *_strides(oo),
             seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
-            CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32,
+            CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
@@ -325,8 +419,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
             q, k, v, dout, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
             seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, scale * LOG2E,
-            CAUSAL=causal, IEEE=ieee, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
-            num_warps=t.num_warps, num_stages=t.num_stages,
+            CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            BLOCK_D=_block_d(head_dim), num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
     def run_dq(t):
@@ -334,8 +428,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
             q, k, v, dout, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
             seqlen_q, seqlen_k, heads, group, head_dim, scale, scale * LOG2E,
-            CAUSAL=causal, IEEE=ieee, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
-            num_warps=t.num_warps, num_stages=t.num_stages,
+            CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            BLOCK_D=_block_d(head_dim), num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
     # the dK/dV programs each loop over the `group` query heads of their key head: tune per group size
@@ -355,7 +449,7 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
         _attn_received_kernel[(triton.cdiv(seqlen_k, t.block_n), batch * heads)](
             q, k, lse, weight if weight is not None else lse, received, *_strides(q), *_strides(k),
             seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
-            CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32,
+            CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
