@@ -8,6 +8,7 @@ import platform
 import torch
 
 from . import __version__, _cuda, backends
+from .triton_kernels import _tune
 
 
 def _version_of(package: str) -> str | None:
@@ -37,6 +38,7 @@ def report() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": _version_of("triton"),
         "triton_interpret": backends.triton_interpreting(),
+        "triton_autotune": _tune.enabled(),
         "gpu": gpu,
         "extension": ext,
         "extension_error": None if ext else _cuda.load_error(),
@@ -48,7 +50,8 @@ def format_report(info: dict) -> str:
     lines = [
         f"zigspark {info['zigspark']}  python {info['python']}  ({info['platform']})",
         f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})   triton {info['triton'] or 'not installed'}"
-        + ("   TRITON_INTERPRET=1" if info["triton_interpret"] else ""),
+        + ("   TRITON_INTERPRET=1" if info["triton_interpret"] else "")
+        + ("" if info.get("triton_autotune", True) else f"   {_tune.ENV}=0 (hand-picked Triton tiles)"),
     ]
     gpu = info["gpu"]
     lines.append(f"GPU: {gpu['name']} (sm {gpu['capability']}, {gpu['memory_gib']} GiB) x{gpu['count']}" if gpu
