@@ -306,11 +306,12 @@ def test_bad_inputs():
 
 # ---- kernels: interpret tier (tiny shapes) and gpu tier (real sizes) ----------------------------------
 
-def check_scan_backend(backend, device, dtype, order=None, dlast=True, rel_floor=2e-5, **case):
-    """Kernel vs reference (float64 and the kernel's dtype) by the numerics rule, outputs and gradients."""
+def check_scan_backend(backend, device, dtype, order=None, dlast=True, rel_floor=2e-5, bc_float32=False, **case):
+    """Kernel vs reference (float64 and the kernel's dtype) by the numerics rule, outputs and gradients.
+    bc_float32: B and C stay float32 while u, Δ and z take `dtype` (the kernels cast them to u's dtype)."""
     x = {k: None if v is None else v.to(device) for k, v in make_inputs(dtype=torch.float64, **case).items()}
-    lowp = {k: None if v is None else (v.to(dtype) if k in ("u", "delta", "z", "B", "C") else v.float())
-            for k, v in x.items()}
+    in_dtype = ("u", "delta", "z") if bc_float32 else ("u", "delta", "z", "B", "C")
+    lowp = {k: None if v is None else (v.to(dtype) if k in in_dtype else v.float()) for k, v in x.items()}
     names = [k for k in x if x[k] is not None]
 
     def run(inputs, which):
@@ -358,6 +359,13 @@ def test_triton_scan_without_last_state_gradient(triton_device):
                        order=orders.zigzag(4, 5, 2))
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("bc", ["constant", "variable"])
+def test_triton_scan_float32_b_and_c_with_half_u(triton_device, bc):
+    check_scan_backend("triton", triton_device, torch.float16, bc_float32=True, batch=1, dim=3, length=20, n=4,
+                       bc=bc, order=orders.zigzag(4, 5, 1))
+
+
 # The CUDA scan walks 512-step chunks with 128 threads: L 600 and 1100 cross one and two chunk boundaries.
 EMULATE_CASES = [
     *INTERPRET_CASES,
@@ -400,6 +408,15 @@ def test_emulated_cuda_scan_without_last_state_gradient():
                        order=orders.zigzag(4, 5, 2))
 
 
+@pytest.mark.emulate
+def test_emulated_cuda_scan_refuses_b_and_c_in_another_dtype():
+    """The CUDA kernels would cast float32 B/C to u's bfloat16 and lose precision silently: they refuse."""
+    x = make_inputs(dtype=torch.bfloat16, batch=1, dim=3, length=20, n=4)
+    x["B"], x["C"] = x["B"].float(), x["C"].float()
+    with pytest.raises(ValueError, match=r"need B, C in u's dtype \(bfloat16\); use backend='triton'"):
+        zigspark.selective_scan(**x, backend="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -417,9 +434,18 @@ def test_gpu_scan_matches_reference(backend, dtype, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_scan_mixed_dtypes_and_no_last_state_grad(backend):
-    """fp32 B/C with bf16 u (the kernels cast), and a graph that does not use last_state."""
-    check_scan_backend(backend, torch.device("cuda"), torch.bfloat16, dlast=False, batch=2, dim=32, length=600,
-                       n=16, bc="constant", order=orders.zigzag(20, 30, 1))
+    """A graph that does not use last_state; fp32 B/C with bf16 u where the kernel takes them (Triton loads
+    each input in its own dtype; the CUDA kernels refuse, and auto passes such calls to Triton)."""
+    case = dict(batch=2, dim=32, length=600, n=16, bc="constant", order=orders.zigzag(20, 30, 1))
+    check_scan_backend(backend, torch.device("cuda"), torch.bfloat16, dlast=False, bc_float32=backend == "triton",
+                       **case)
+    if backend == "cuda":
+        x = {k: None if v is None else v.cuda() for k, v in make_inputs(dtype=torch.bfloat16, length=16).items()}
+        x["B"], x["C"] = x["B"].float(), x["C"].float()
+        with pytest.raises(ValueError, match="in u's dtype"):
+            zigspark.selective_scan(**x, backend="cuda")
+        zigspark.selective_scan(**x)
+        assert zigspark.last_backends()["selective_scan"] == "triton"
 
 
 @pytest.mark.gpu
