@@ -248,6 +248,8 @@ def test_triton_pruned_inference_matches_the_reference(triton_device):
         _, obj_r, deep_r = reference.encode(x)
         torch.testing.assert_close(obj_k, obj_r, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(deep_k, deep_r, rtol=1e-4, atol=1e-5)
-        idx_k = kernel.keep_indices(obj_k, deep_k, 1 / 3)
+        # the selection kernel on the reference's scores, so a near-tie the scores' rounding breaks either way
+        # cannot fail it
+        idx_k = kernel.keep_indices(obj_r, deep_r, 1 / 3)
         torch.testing.assert_close(idx_k, reference.keep_indices(obj_r, deep_r, 1 / 3))
         torch.testing.assert_close(kernel(x, keep=1 / 3), reference(x, keep=1 / 3), rtol=1e-4, atol=1e-5)
