@@ -64,6 +64,7 @@ def _full_query_start(pid_n, start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, 
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
+    """a·b; IEEE: exact float32 products (float32 inputs), rather than the TF32 tl.dot takes by default."""
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:

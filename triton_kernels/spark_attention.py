@@ -48,20 +48,12 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output, new_output_like
-from .attention import _visible  # same causal mask (bottom-right aligned) as flash attention
+from .attention import _dot, _visible  # same causal mask (bottom-right aligned) as flash attention
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global, so jit code may read it
 
 
 # ---- small pieces shared by every kernel -----------------------------------------------------------------
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
 
 @triton.jit
 def _tile(base, rows, row_stride, n_rows, col0, cols, n_cols):
