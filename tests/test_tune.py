@@ -46,14 +46,35 @@ def test_fastest_candidate_is_kept_per_key(tuning):
     assert len(_tune.chosen()) == 3 and "128x64 w8 s3" in _tune.chosen().values()
 
 
-def test_candidates_that_do_not_fit_are_passed_over_and_none_fitting_is_an_error(tuning):
-    cost, _ = tuning
+def test_candidates_that_fail_are_passed_over_and_none_working_runs_the_first_untimed(tuning):
+    cost, timed = tuning
     cost[Blocks(128, 64, 8)] = math.inf
     assert _tune.launch("k", (), CANDIDATES, lambda b: None, DEVICE) == Blocks(64, 64, 4)
     for blocks in CANDIDATES:
         cost[blocks] = math.inf
-    with pytest.raises(RuntimeError, match="no block size .* fits this device.*ZIGSPARK_AUTOTUNE=0"):
-        _tune.launch("k2", (), CANDIDATES, lambda b: None, DEVICE)
+    ran = []
+    assert _tune.launch("k2", (), CANDIDATES, ran.append, DEVICE) == CANDIDATES[0]
+    assert ran == [CANDIDATES[0]] and not any(key.startswith("k2") for key in _tune.chosen())
+    _tune.launch("k2", (), CANDIDATES, ran.append, DEVICE)      # not remembered: timed again
+    assert len(timed) == 9
+
+
+def test_any_failure_while_timing_counts_as_infinitely_slow():
+    pytest.importorskip("triton")
+
+    def fails(blocks):
+        raise torch.OutOfMemoryError("no room for do_bench's buffer")
+
+    assert _tune._time(fails, CANDIDATES[0]) == math.inf
+
+
+def test_capture_keeps_a_tuned_tile_and_times_nothing(tuning, monkeypatch):
+    _, timed = tuning
+    _tune.launch("k", ("a",), CANDIDATES, lambda b: None, DEVICE)
+    monkeypatch.setattr(_tune, "_capturing", lambda device: True)
+    assert _tune.launch("k", ("a",), CANDIDATES, lambda b: None, DEVICE) == Blocks(128, 64, 8)
+    assert _tune.launch("k", ("new",), CANDIDATES, lambda b: None, DEVICE) == CANDIDATES[0]
+    assert len(timed) == 3
 
 
 @pytest.mark.parametrize("switch_off", ["env", "interpreter"])

@@ -455,5 +455,5 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
-    _launch("received", q, seqlen_k, run, causal)
+    _launch("received", q, seqlen_k, run, causal, weight is not None)
     return received

@@ -234,7 +234,8 @@ def _groups(B: torch.Tensor, C: torch.Tensor) -> int:
 def _config(dim: int, N: int, L: int):
     """(BLOCK_D, N_PAD, T) of the forward: about 4096 elements per (BLOCK_D, N_PAD, T) tile, shrinking the
     chunk T before the block of channels for large N (at 1×256×64 ptxas spills kilobytes per thread). The
-    backward halves BLOCK_D, and needs N_PAD·T ≤ 2048 to stay clear of spills (1×64×64 spills ~700 bytes)."""
+    backward halves BLOCK_D, and needs N_PAD·T ≤ 2048 to stay clear of spills (1×64×64 spills ~700 bytes;
+    for N > 128 the chunk cannot shrink below 16)."""
     n_pad = max(triton.next_power_of_2(N), 2)
     chunk = min(64, max(16, triton.next_power_of_2(L)))
     chunk = max(16, min(chunk, 2048 // n_pad))
