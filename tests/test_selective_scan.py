@@ -383,6 +383,13 @@ def test_emulated_cuda_scan_matches_reference(dtype, case):
     check_scan_backend("cuda", torch.device("cpu"), dtype, batch=2 if case["length"] < 600 else 1, **case)
 
 
+def bf16_inputs_with_float32_b_and_c(device, **case):
+    """Scan inputs in bfloat16 on `device`, except B and C in float32 (A, D, bias are float32 anyway)."""
+    x = {k: None if v is None else v.to(device) for k, v in make_inputs(dtype=torch.bfloat16, **case).items()}
+    x["B"], x["C"] = x["B"].float(), x["C"].float()
+    return x
+
+
 def check_backward_precise_for_fast_decaying_states(backend, device):
     """As the reference's test: the kernel's backward uses h_{t−1} rather than taking h_t − b_t."""
     inputs, dout, exact = fast_decay_case()
@@ -411,8 +418,7 @@ def test_emulated_cuda_scan_without_last_state_gradient():
 @pytest.mark.emulate
 def test_emulated_cuda_scan_refuses_b_and_c_in_another_dtype():
     """The CUDA kernels would cast float32 B/C to u's bfloat16 and lose precision silently: they refuse."""
-    x = make_inputs(dtype=torch.bfloat16, batch=1, dim=3, length=20, n=4)
-    x["B"], x["C"] = x["B"].float(), x["C"].float()
+    x = bf16_inputs_with_float32_b_and_c(torch.device("cpu"), batch=1, dim=3, length=20, n=4)
     with pytest.raises(ValueError, match=r"need B, C in u's dtype \(bfloat16\); use backend='triton'"):
         zigspark.selective_scan(**x, backend="cuda")
 
@@ -440,8 +446,7 @@ def test_gpu_scan_mixed_dtypes_and_no_last_state_grad(backend):
     check_scan_backend(backend, torch.device("cuda"), torch.bfloat16, dlast=False, bc_float32=backend == "triton",
                        **case)
     if backend == "cuda":
-        x = {k: None if v is None else v.cuda() for k, v in make_inputs(dtype=torch.bfloat16, length=16).items()}
-        x["B"], x["C"] = x["B"].float(), x["C"].float()
+        x = bf16_inputs_with_float32_b_and_c(torch.device("cuda"), length=16)
         with pytest.raises(ValueError, match="in u's dtype"):
             zigspark.selective_scan(**x, backend="cuda")
         zigspark.selective_scan(**x)

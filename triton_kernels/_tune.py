@@ -26,6 +26,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from .. import backends
+
 ENV = "ZIGSPARK_AUTOTUNE"
 
 
@@ -41,8 +43,7 @@ _pinned: dict[str, Blocks] = {}
 
 
 def enabled() -> bool:
-    return (os.environ.get(ENV, "1") not in ("", "0")
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+    return os.environ.get(ENV, "1") not in ("", "0") and not backends.triton_interpreting()
 
 
 def bucket(n: int) -> int:

@@ -51,7 +51,7 @@ def format_report(info: dict) -> str:
         f"zigspark {info['zigspark']}  python {info['python']}  ({info['platform']})",
         f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})   triton {info['triton'] or 'not installed'}"
         + ("   TRITON_INTERPRET=1" if info["triton_interpret"] else "")
-        + ("" if info.get("triton_autotune", True) else f"   {_tune.ENV}=0 (hand-picked Triton tiles)"),
+        + ("" if info["triton_autotune"] else f"   {_tune.ENV}=0 (hand-picked Triton tiles)"),
     ]
     gpu = info["gpu"]
     lines.append(f"GPU: {gpu['name']} (sm {gpu['capability']}, {gpu['memory_gib']} GiB) x{gpu['count']}" if gpu
