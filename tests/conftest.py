@@ -3,6 +3,8 @@
   cpu        always: reference ops, bad inputs, opcheck, gradcheck, compile, CLI
   interpret  Triton kernels; on the CPU only with TRITON_INTERPRET=1 set before triton is imported, so
              `make test` runs this tier in its own pytest process
+  compile    every Triton kernel compiled ahead of time for Hopper (sm_90a) on the CPU, at the launch
+             configurations the ops choose: compile errors, registers, spills, shared memory (tests/aot.py)
   build      the CUDA extension zigspark._C was built and imports
   emulate    the CUDA kernels of csrc/ on tiny shapes, run on the CPU by csrc/emulate (backend="cuda" on CPU
              tensors); only with ZIGSPARK_CUDA_EMULATOR set, so `make test` runs it in its own pytest process
@@ -30,7 +32,7 @@ EMULATING = _cuda.emulating()
 
 
 def pytest_collection_modifyitems(config, items):
-    tiers = {"cpu", "interpret", "build", "gpu", "emulate"}
+    tiers = {"cpu", "interpret", "compile", "build", "gpu", "emulate"}
     for item in items:
         marks = tiers & {m.name for m in item.iter_markers()}
         if len(marks) != 1:

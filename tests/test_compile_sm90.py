@@ -1,0 +1,142 @@
+"""compile tier: every Triton kernel compiled ahead of time for Hopper (sm_90a), on the CPU (tests/aot.py).
+
+The ops run on CPU tensors with backend="triton" and tuning on, so their own launch logic chooses the
+configurations, at shapes large enough to take the tiles a GPU run takes (the benchmarks' and the gpu tier's
+buckets); every launch compiles instead of running. A case fails when a kernel does not compile, asks for
+more shared memory than one Hopper block has, or spills more than SPILL_LIMIT bytes per thread. What this
+cannot show: whether the compiled code is right (the interpret tier) or fast (the benchmarks, on a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zigspark
+from zigspark import orders
+
+pytestmark = pytest.mark.compile
+aot = pytest.importorskip("aot", reason="tests/aot.py needs triton")
+
+# ptxas may spill a little around a loop (a few words is harmless); more than this is a tile to fix.
+SPILL_LIMIT = 64
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _grad(*tensors):
+    return [t.detach().requires_grad_(True) for t in tensors]
+
+
+def case_stat_topk():
+    for dtype in (torch.float32, *HALF, torch.float64):
+        for d in (1000, 4096, 16384, 65536):              # register-resident rows, then streamed ones
+            (x,) = _grad(torch.randn(4, d, dtype=dtype))
+            zigspark.stat_topk(x, density=0.08, backend="triton").sum().backward()
+        zigspark.stat_topk(torch.randn(4, 4096, dtype=dtype), density=0.08, return_mask=True, backend="triton")
+
+
+def _scan_inputs(dtype, batch, dim, length, n, bc, groups=2):
+    u, delta, z = (torch.randn(batch, dim, length, dtype=dtype) for _ in range(3))
+    A, D, bias = -torch.rand(dim, n), torch.randn(dim), torch.randn(dim)
+    if bc == "constant":
+        B, C = torch.randn(dim, n), torch.randn(dim, n)
+    elif bc == "variable":
+        B, C = (torch.randn(batch, n, length, dtype=dtype) for _ in range(2))
+    else:
+        B, C = (torch.randn(batch, groups, n, length, dtype=dtype) for _ in range(2))
+    return u, delta, A, B, C, D, z, bias
+
+
+def case_selective_scan():
+    grid = (32, 32)
+    for dtype in (torch.float32, *HALF):
+        for n, bc in ((16, "variable"), (16, "constant"), (16, "grouped"), (1, "variable"), (64, "variable"),
+                      (128, "variable"), (256, "variable")):
+            u, delta, A, B, C, D, z, bias = _grad(*_scan_inputs(dtype, 2, 64, grid[0] * grid[1], n, bc))
+            out, last = zigspark.selective_scan(u, delta, A, B, C, D, z, bias, True, True,
+                                                order=orders.zigzag(*grid, 3), backend="triton")
+            torch.autograd.backward([out, last], [torch.ones_like(out), torch.ones_like(last)])
+    # without the optional inputs; raster, video and index orders; one step
+    u, delta, A, B, C, *_ = _grad(*_scan_inputs(torch.bfloat16, 2, 64, 2 * 16 * 16, 16, "variable"))
+    for order in (None, orders.temporal(2, 16, 16, backward=True), orders.zigzag(16, 16, 5, frames=2),
+                  torch.randperm(2 * 16 * 16)):
+        zigspark.selective_scan(u, delta, A, B, C, order=order, backend="triton").sum().backward()
+    u, delta, A, B, C, *_ = _grad(*_scan_inputs(torch.bfloat16, 1, 64, 1, 16, "variable"))
+    zigspark.selective_scan(u, delta, A, B, C, backend="triton").sum().backward()
+
+
+def case_causal_conv1d():
+    for dtype in (torch.float32, *HALF):
+        for width in (2, 3, 4):
+            x, w, b = _grad(torch.randn(2, 96, 1024, dtype=dtype), torch.randn(96, width, dtype=dtype),
+                            torch.randn(96, dtype=dtype))
+            zigspark.causal_conv1d(x, w, b, "silu", order=orders.zigzag(32, 32, 5), backend="triton").sum().backward()
+            zigspark.causal_conv1d(x, w, None, None, order=torch.randperm(1024), backend="triton").sum().backward()
+
+
+def case_flash_attention():
+    for dtype in (*HALF, torch.float32):
+        for head_dim in (64, 128, 256, 40):
+            for causal in (False, True):
+                for kv_heads in (4, 1):                   # MHA, and GQA with 4 query heads per key head
+                    q = torch.randn(2, 512, 4, head_dim, dtype=dtype)
+                    k, v = (torch.randn(2, 512, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+                    q, k, v = _grad(q, k, v)
+                    zigspark.flash_attention(q, k, v, causal=causal, backend="triton").sum().backward()
+                    zigspark.attention_received(q, k, causal=causal, backend="triton")
+                    zigspark.attention_received(q, k, causal=causal, exclude_queries=[0], backend="triton")
+
+
+def case_spark_ffn():
+    for dtype in (torch.float32, *HALF):
+        d, f, r = 1024, 4096, 256
+        K1, K2, V = torch.randn(f, r, dtype=dtype), torch.randn(f, d - r, dtype=dtype), torch.randn(d, f, dtype=dtype)
+        for tokens in (1, 16, 512):
+            zigspark.spark_ffn(torch.randn(tokens, d, dtype=dtype), K1, K2, V, 0.08, sparse=True, backend="triton")
+
+
+def case_spark_attention():
+    for dtype in (torch.float32, *HALF):
+        for head_dim in (64, 128):
+            for causal in (True, False):
+                q, k, v = _grad(*(torch.randn(1, 1024, 4, head_dim, dtype=dtype) for _ in range(3)))
+                zigspark.spark_attention(q, k, v, top_k=256, causal=causal, backend="triton").sum().backward()
+
+
+def case_token_prune():
+    for dtype in (torch.float32, *HALF):
+        for grid in ((24, 24), (48, 60), (64, 64), (1, 577)):
+            n = grid[0] * grid[1]
+            obj, deep = torch.rand(16, n).to(dtype), torch.rand(16, n).to(dtype)
+            zigspark.hiprune_select(obj, deep, grid, n // 9, backend="triton")
+            zigspark.hiprune_select(obj, deep, grid, n // 2, wrap_rows=True, always_keep=[0], backend="triton")
+
+
+CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+KERNELS = {   # every kernel an op launches must have been compiled by its case
+    "stat_topk": {"_stat_topk_fwd_kernel", "_stat_topk_bwd_kernel"},
+    "selective_scan": {"_selective_scan_fwd_kernel", "_selective_scan_bwd_kernel"},
+    "causal_conv1d": {"_conv_fwd_kernel", "_conv_grad_pre_kernel", "_conv_bwd_kernel"},
+    "flash_attention": {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_received_kernel"},
+    "spark_ffn": {"_active_values_kernel", "_project_kernel"},
+    "spark_attention": {"_stats_kernel", "_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
+    "token_prune": {"_hiprune_kernel"},
+}
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_triton_kernels_compile_for_hopper(op, capsys):
+    with aot.compiling() as record:
+        CASES[op]()
+    compiled = sorted(record.compiled.values(), key=str)
+    with capsys.disabled():
+        print(f"\n{op}: {len(compiled)} compiles for sm_90a, {sum(c.seconds for c in compiled):.0f} s")
+        for c in compiled:
+            if c.spill_bytes:
+                print(f"  spills: {c}")
+    assert not record.failed, "\n".join(record.failed.values())
+    assert KERNELS[op] <= record.kernels(), f"never launched: {sorted(KERNELS[op] - record.kernels())}"
+    too_big = [str(c) for c in compiled if c.shared_bytes > aot.HOPPER_SHARED_BYTES]
+    assert not too_big, "more shared memory than a Hopper block has:\n" + "\n".join(too_big)
+    spilling = [str(c) for c in compiled if c.spill_bytes > SPILL_LIMIT]
+    assert not spilling, f"spills over {SPILL_LIMIT} B per thread:\n" + "\n".join(spilling)
