@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+import pytest
 
 from triton import knobs
 from triton.backends.compiler import GPUTarget
@@ -58,16 +59,13 @@ class Record:
         return {c.kernel for c in self.compiled.values()}
 
 
-_PTXAS = re.compile(r"Compiling entry function '(\w+)'.*?Used (\d+) registers.*?(?=Compiling entry|\Z)", re.S)
-
-
 def _ptxas_usage(log: str) -> tuple[int, int]:
-    """(registers, spill-store bytes) from the ptxas -v log of one kernel."""
-    match = _PTXAS.search(log)
-    if match is None:
+    """(registers, spill-store bytes) from the ptxas -v log of one compile (one kernel)."""
+    registers = re.search(r"Used (\d+) registers", log)
+    if registers is None:
         raise AssertionError(f"no ptxas resource line in the log:\n{log}")
-    spills = re.search(r"(\d+) bytes spill stores", match.group(0))
-    return int(match.group(2)), int(spills.group(1)) if spills else 0
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return int(registers.group(1)), int(spills.group(1)) if spills else 0
 
 
 def _describe(fn, constexprs: dict, options) -> str:
@@ -109,23 +107,12 @@ def compiling(target: GPUTarget = HOPPER):
                                         time.perf_counter() - start)
         return None
 
-    saved = (jit.JITFunction.run, backends._triton_reason, _tune.enabled, _tune._time, dict(_tune._best))
-    env = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")}
-    with tempfile.TemporaryDirectory(prefix="zigspark-aot-") as cache:
-        # a fresh cache, so that ptxas runs (and logs) for every compile
-        os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
-        jit.JITFunction.run = compile_launch
-        backends._triton_reason = lambda device: None          # CPU tensors stand in for CUDA ones
-        _tune.enabled = lambda: True                          # every tuning candidate is compiled ...
-        _tune._time = lambda run, blocks: (run(blocks), 1.0)[1]  # ... and none is timed
-        try:
-            yield record
-        finally:
-            jit.JITFunction.run, backends._triton_reason, _tune.enabled, _tune._time, best = saved
-            _tune._best.clear()
-            _tune._best.update(best)
-            for k, v in env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with tempfile.TemporaryDirectory(prefix="zigspark-aot-") as cache, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_CACHE_DIR", cache)                  # a fresh cache, so ptxas runs (and logs)
+        patch.setenv("TRITON_DUMP_PTXAS_LOG", "1")               # for every compile
+        patch.setattr(jit.JITFunction, "run", compile_launch)
+        patch.setattr(backends, "_triton_reason", lambda device: None)  # CPU tensors stand in for CUDA ones
+        patch.setattr(_tune, "enabled", lambda: True)            # every tuning candidate is compiled ...
+        patch.setattr(_tune, "_time", lambda run, blocks: (run(blocks), 1.0)[1])  # ... and none is timed
+        patch.setattr(_tune, "_best", {})
+        yield record
