@@ -1,7 +1,7 @@
 # zigspark: the commands a newcomer and CI run. See README.md.
 #   make demo       the main job: recognizer + ZigMa on digits, samples, metrics (DEMO_SIZE=full on a GPU)
 #   make check      check every available backend of every op against the reference
-#   make test       fresh/updated .venv, install, then the cpu, build, interpret (and gpu) test tiers
+#   make test       fresh/updated .venv, install, then the cpu, build, emulate, compile, interpret (and gpu) tiers
 #   make bench      run every benchmark on the present device, results into benchmarks/results/
 #   make report     BENCHMARKS.md + plots + python/zigspark/auto_backends.json from the committed results
 #   make gpu-check  on a GPU machine without a package registry: build in place, gpu tier, benchmarks
@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 GPU_PYTHON ?= python3
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: all install test test-cpu test-emulate test-interpret test-gpu demo check bench report gpu-check clean
+.PHONY: all install test test-cpu test-emulate test-compile test-interpret test-gpu demo check bench report gpu-check clean
 
 all: test
 
@@ -31,7 +31,7 @@ install: $(VENV)/.deps
 # line of the last pytest run, which should count the tests that ran.
 test: install
 	$(PY) -m zigspark env
-	$(MAKE) --no-print-directory test-gpu test-cpu test-emulate test-interpret
+	$(MAKE) --no-print-directory test-gpu test-cpu test-emulate test-compile test-interpret
 
 test-cpu:
 	$(PY) -m pytest $(PYTEST_FLAGS) -m "cpu or build" tests
@@ -40,6 +40,10 @@ test-cpu:
 test-emulate:
 	emulator="$$($(PY) scripts/build_emulator.py)" && \
 	  ZIGSPARK_CUDA_EMULATOR="$$emulator" $(PY) -m pytest $(PYTEST_FLAGS) -m emulate tests
+
+# Own process: it swaps Triton's launch for an ahead-of-time compile for sm_90a (tests/aot.py), ~5 minutes.
+test-compile:
+	$(PY) -m pytest $(PYTEST_FLAGS) -m compile tests
 
 # Own process: TRITON_INTERPRET must be set before triton is imported.
 test-interpret:

@@ -1,6 +1,6 @@
 """Test tiers (DESIGN.md §4) and shared fixtures.
 
-  cpu        always: reference ops, bad inputs, opcheck, gradcheck, compile, CLI
+  cpu        always: reference ops, bad inputs, opcheck, gradcheck, torch.compile, CLI
   interpret  Triton kernels; on the CPU only with TRITON_INTERPRET=1 set before triton is imported, so
              `make test` runs this tier in its own pytest process
   compile    every Triton kernel compiled ahead of time for Hopper (sm_90a) on the CPU, at the launch
@@ -48,6 +48,9 @@ def pytest_collection_modifyitems(config, items):
         if "interpret" in marks and not (HAS_GPU or INTERPRET):
             item.add_marker(pytest.mark.skip(
                 reason="interpret tier: needs a GPU or TRITON_INTERPRET=1 set before import (make test-interpret)"))
+        if "compile" in marks and INTERPRET:
+            item.add_marker(pytest.mark.skip(
+                reason="compile tier: the interpreter compiles nothing; run it without TRITON_INTERPRET (make test-compile)"))
 
 
 @pytest.fixture(autouse=True)

@@ -75,16 +75,19 @@ def case_causal_conv1d():
 
 
 def case_flash_attention():
-    for dtype in (*HALF, torch.float32):
-        for head_dim in (64, 128, 256, 40):
-            for causal in (False, True):
-                for kv_heads in (4, 1):                   # MHA, and GQA with 4 query heads per key head
-                    q = torch.randn(2, 512, 4, head_dim, dtype=dtype)
-                    k, v = (torch.randn(2, 512, kv_heads, head_dim, dtype=dtype) for _ in range(2))
-                    q, k, v = _grad(q, k, v)
-                    zigspark.flash_attention(q, k, v, causal=causal, backend="triton").sum().backward()
-                    zigspark.attention_received(q, k, causal=causal, backend="triton")
-                    zigspark.attention_received(q, k, causal=causal, exclude_queries=[0], backend="triton")
+    # GQA compiles are the heaviest (group == 1 is specialised away under MHA), so most cases are GQA; each
+    # head_dim bucket (64, 128, 256), causal and not, in fp16; the rest once. A case compiles every tuning
+    # candidate of the forward, both backward kernels and the received sums (with and without query weights).
+    cases = [(torch.float16, d, causal, 1) for d in (64, 128, 256) for causal in (False, True)]
+    cases += [(torch.float16, 64, True, 4), (torch.float16, 40, False, 4), (torch.bfloat16, 128, True, 1)]
+    cases += [(torch.float32, d, True, 1) for d in (64, 128, 256)]
+    for dtype, head_dim, causal, kv_heads in cases:
+        q = torch.randn(2, 512, 4, head_dim, dtype=dtype)
+        k, v = (torch.randn(2, 512, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+        q, k, v = _grad(q, k, v)
+        zigspark.flash_attention(q, k, v, causal=causal, backend="triton").sum().backward()
+        zigspark.attention_received(q, k, causal=causal, backend="triton")
+        zigspark.attention_received(q, k, causal=causal, exclude_queries=[0], backend="triton")
 
 
 def case_spark_ffn():

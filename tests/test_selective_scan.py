@@ -343,6 +343,8 @@ INTERPRET_CASES = [
     dict(length=70, order=orders.temporal(2, 5, 7, backward=True), bc="constant", dim=2),
     dict(length=1, dim=2, n=4),
     dict(length=24, order=orders.raster(24, reverse=True), with_z=False, with_d=False, with_bias=False, dim=2),
+    dict(length=40, order=orders.zigzag(5, 8, 1), dim=2, n=64),     # chunks of 16 steps at N = 64
+    dict(length=9, dim=1, n=256),                                   # chunks of 4 steps at N = 256
 ]
 
 

@@ -202,19 +202,25 @@ def _attn_bwd_dkdv_kernel(
     full_start = seqlen_q
     if SPLIT:
         full_start = _full_query_start(pid_n, start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    for h in range(hk * group, hk * group + group):
-        Q_head = Q + b * sq_b + h * sq_h
-        DO_head = DO + b * sdo_b + h * sdo_h
-        LSE_head = LSE + (b * heads + h) * seqlen_q
-        DELTA_head = DELTA + (b * heads + h) * seqlen_q
-        for m0 in range(start_m, tl.minimum(full_start, seqlen_q), BLOCK_M):
-            dk, dv = _dkdv_tile(Q_head, DO_head, LSE_head, DELTA_head, sq_s, sdo_s, m0, kt, vt, offs_n, offs_d,
-                                d_ok, dk, dv, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, True, BLOCK_M)
-        if SPLIT:
-            for m0 in range(full_start, seqlen_q, BLOCK_M):
-                dk, dv = _dkdv_tile(Q_head, DO_head, LSE_head, DELTA_head, sq_s, sdo_s, m0, kt, vt, offs_n,
-                                    offs_d, d_ok, dk, dv, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, False,
-                                    BLOCK_M)
+    # One flat loop per kind of tile over (query head of this key head, query block) rather than a loop over
+    # heads around the block loops: nested, the pair of block loops leaves ptxas too few registers under
+    # GQA (the causal fp16 64×64 tile spilled 172 B per thread at sm_90a), flat it compiles as for MHA.
+    n_masked = tl.cdiv(tl.minimum(full_start, seqlen_q) - start_m, BLOCK_M)
+    for it in range(0, group * n_masked):
+        h = hk * group + it // n_masked
+        m0 = start_m + (it % n_masked) * BLOCK_M
+        dk, dv = _dkdv_tile(Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h, LSE + (b * heads + h) * seqlen_q,
+                            DELTA + (b * heads + h) * seqlen_q, sq_s, sdo_s, m0, kt, vt, offs_n, offs_d, d_ok, dk, dv,
+                            seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, True, BLOCK_M)
+    if SPLIT:
+        n_full = tl.cdiv(seqlen_q - full_start, BLOCK_M)
+        for it in range(0, group * n_full):
+            h = hk * group + it // n_full
+            m0 = full_start + (it % n_full) * BLOCK_M
+            dk, dv = _dkdv_tile(Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h,
+                                LSE + (b * heads + h) * seqlen_q, DELTA + (b * heads + h) * seqlen_q, sq_s, sdo_s, m0,
+                                kt, vt, offs_n, offs_d, d_ok, dk, dv, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL,
+                                IEEE, False, BLOCK_M)
     tl.store(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_s + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -348,9 +354,9 @@ _HALF_CANDIDATES = {
 }
 # float32 (IEEE dot products, FMA only) keeps one smaller tile, unpipelined: at the half-precision sizes
 # ptxas spills kilobytes per thread, D > 128 overflows an A100's shared memory, and at D = 256 the dK/dV
-# kernel spills ~4 KB with 2 or 3 stages. Every tile here and above spills at most 8 bytes per thread in
-# every kernel, causal or not (ahead-of-time compiles for sm_90a, Triton 3.6 with its ptxas 12.8); none has
-# been timed on a GPU yet.
+# kernel spills ~4 KB with 2 or 3 stages. Every tile here and above spills at most 16 bytes per thread in
+# every kernel, causal or not, MHA or GQA (the compile tier: sm_90a, Triton 3.6 with its bundled ptxas);
+# none has been timed on a GPU yet.
 _FP32_BLOCKS = {64: B(32, 32, 8, 1), 128: B(16, 16, 8, 1), 256: B(16, 16, 8, 1)}
 
 

@@ -21,6 +21,8 @@ gives ∂b_t = ∂h_t and, with h_{t−1} the recomputed states shifted by one s
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -231,23 +233,43 @@ def _groups(B: torch.Tensor, C: torch.Tensor) -> int:
     return 1
 
 
-def _config(dim: int, N: int, L: int):
-    """(BLOCK_D, N_PAD, T) of the forward: about 4096 elements per (BLOCK_D, N_PAD, T) tile, shrinking the
-    chunk T before the block of channels for large N (at 1×256×64 ptxas spills kilobytes per thread). The
-    backward halves BLOCK_D, and needs N_PAD·T ≤ 2048 to stay clear of spills (1×64×64 spills ~700 bytes;
-    for N > 128 the chunk cannot shrink below 16)."""
+# The backward keeps about 15 (BLOCK_D, N_PAD, T) float32 tensors live (states, their shift, decays, B, C,
+# the adjoint scan and its products), so its tile is a quarter of the forward's: at 2048 elements per
+# program ptxas spills 112–132 B per thread under the video orders and 350–480 B at N = 256, at 1024 it
+# spills nothing (ahead-of-time compiles for sm_90a, 8 warps; 4 warps spill at every size).
+_FWD_TILE = 4096
+_BWD_TILE = 1024
+_BWD_WARPS = 8
+
+
+class _Tiles(NamedTuple):
+    block_d_fwd: int
+    block_d_bwd: int
+    n_pad: int
+    chunk: int      # steps per chunk, and between the saved states the backward restarts from
+
+
+def _tiles(dim: int, N: int, L: int) -> _Tiles:
+    """Tiles of both passes. The chunk is shared (the backward restarts from the forward's checkpoints), as
+    long as 64 steps and short enough for one channel's backward tile to fit: N_PAD·T ≤ _BWD_TILE; the
+    channel blocks then fill each pass's tile, at most 16 channels."""
     n_pad = max(triton.next_power_of_2(N), 2)
-    chunk = min(64, max(16, triton.next_power_of_2(L)))
-    chunk = max(16, min(chunk, 2048 // n_pad))
-    block_d = max(1, min(triton.next_power_of_2(dim), 4096 // (n_pad * chunk), 16))
-    return block_d, n_pad, chunk
+    chunk = min(64, max(2, triton.next_power_of_2(L)), max(2, _BWD_TILE // n_pad))
+    block_d_cap = min(triton.next_power_of_2(dim), 16)
+    return _Tiles(max(1, min(block_d_cap, _FWD_TILE // (n_pad * chunk))),
+                  max(1, min(block_d_cap, _BWD_TILE // (n_pad * chunk))), n_pad, chunk)
+
+
+def chunk_length(N: int, L: int) -> int:
+    """Steps between the checkpoints the forward saves for the backward."""
+    return _tiles(1, N, L).chunk
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order_params, order_index):
     """-> (out, last_state (batch, dim, N) float32, checkpoints (batch, dim, chunks, N) float32)."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    block_d, n_pad, chunk = _config(dim, N, L)
+    block_d, _, n_pad, chunk = _tiles(dim, N, L)
     n_chunks = triton.cdiv(L, chunk)
     out = new_output_like(u)
     last = new_output((batch, dim, N), torch.float32, u.device)
@@ -269,11 +291,7 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
     """-> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None for absent inputs."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    block_d, n_pad, chunk = _config(dim, N, L)
-    # half the forward's channels per program: the shifted states for a_t·h_{t−1} cost registers, and at
-    # 4×16×64 ptxas spills ~360 bytes per thread with 8 warps, none at 2×16×64 (ahead-of-time, sm_90a).
-    # The chunk length must stay the forward's, where the checkpoints are.
-    block_d = max(1, block_d // 2)
+    _, block_d, n_pad, chunk = _tiles(dim, N, L)
     n_chunks = ckpt.shape[2]
     f32 = dict(device=u.device, dtype=torch.float32)
     du = new_output((batch, dim, L), torch.float32, u.device)
@@ -292,7 +310,7 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
         B_MODE=_bc_mode(B), C_MODE=_bc_mode(C), HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_DLAST=dlast is not None,
         KIND=kind, PATH=path, REVERSE=reverse, BLOCK_D=block_d, N_PAD=n_pad, T=chunk,
-        num_warps=8,  # with 4 warps the backward's tiles spill (ahead-of-time compile, sm_90)
+        num_warps=_BWD_WARPS,
     )
     dbias = ddelta.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype),

@@ -80,10 +80,10 @@ def _n_chunks(length: int, n: int, backend: str) -> int:
     if backend == "cuda":
         from ..cuda_ops.selective_scan import chunk
     else:
-        from ..triton_kernels.selective_scan import _config
+        from ..triton_kernels.selective_scan import chunk_length
 
         def chunk():
-            return _config(1, n, length)[2]
+            return chunk_length(n, length)
     return -(-length // chunk())
 
 
