@@ -101,10 +101,11 @@ def run(device, configs, dtype, progress=print) -> dict:
 
 
 def tuned_tiles() -> dict:
-    """The Triton tiles that tuning picked in this run, per kernel and shape bucket (empty when none tuned)."""
-    from zigspark.triton_kernels import _tune
+    """The Triton tiles that tuning picked in this run, per kernel and shape bucket (empty when none tuned), as
+    the table zigspark.tuning.use_tiles takes."""
+    import zigspark.tuning
 
-    return _tune.chosen()
+    return zigspark.tuning.tiles()
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import zigspark
 from zigspark.triton_kernels import _tune
 from zigspark.triton_kernels._tune import Blocks
 
@@ -20,6 +21,9 @@ def tuning(monkeypatch):
     monkeypatch.setenv(_tune.ENV, "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(_tune, "_best", {})
+    monkeypatch.setattr(_tune, "_loaded", {})
+    monkeypatch.setattr(_tune, "_env_loaded", False)
+    monkeypatch.delenv(_tune.TILES_ENV, raising=False)
     cost = {Blocks(64, 64, 4): 2.0, Blocks(128, 64, 8): 1.0, Blocks(32, 32, 4): 3.0}
     timed = []
 
@@ -121,3 +125,51 @@ def test_attention_candidates_start_with_the_hand_picked_tile_and_fit():
             assert len(attention.candidates(kernel, head_dim, 8192, 8192, torch.float32)) == 1
         short = attention.candidates(kernel, 64, 10, 30, torch.float16)
         assert all(b.block_m == 16 and b.block_n <= 32 for b in short)
+
+
+def test_tiles_carried_to_another_process_run_untimed_even_with_tuning_off(tuning, monkeypatch):
+    cost, timed = tuning
+    _tune.launch("k", ("a", 64), CANDIDATES, lambda b: None, DEVICE)
+    table = zigspark.tuning.tiles()
+    assert table == {"k a 64": "128x64 w8 s3"}       # no device index: one table serves every rank
+    monkeypatch.setattr(_tune, "_best", {})           # "another process", where timing now prefers another tile
+    monkeypatch.setenv(_tune.ENV, "0")
+    cost[Blocks(32, 32, 4)] = 0.1
+    zigspark.tuning.use_tiles(table)
+    ran = []
+    assert _tune.launch("k", ("a", 64), CANDIDATES, ran.append, torch.device("meta")) == Blocks(128, 64, 8)
+    assert ran == [Blocks(128, 64, 8)] and len(timed) == 3
+    assert _tune.launch("k", ("b", 64), CANDIDATES, ran.append, DEVICE) == CANDIDATES[0]   # not in the table
+
+
+def test_a_loaded_tile_the_kernel_no_longer_lists_is_passed_over(tuning):
+    _, timed = tuning
+    zigspark.tuning.use_tiles({"k a": "256x256 w16 s5"})
+    assert _tune.launch("k", ("a",), CANDIDATES, lambda b: None, DEVICE) == Blocks(128, 64, 8)
+    assert len(timed) == 3
+
+
+def test_tiles_saved_to_a_file_load_back_and_from_the_environment(tuning, monkeypatch, tmp_path):
+    _, timed = tuning
+    _tune.launch("k", ("a",), CANDIDATES, lambda b: None, DEVICE)
+    path = tmp_path / "tiles.json"
+    zigspark.tuning.save_tiles(str(path))
+    monkeypatch.setattr(_tune, "_best", {})
+    monkeypatch.setenv(_tune.TILES_ENV, str(path))
+    monkeypatch.setattr(_tune, "_env_loaded", False)    # the environment is read at a process's first launch
+    assert _tune.launch("k", ("a",), CANDIDATES, lambda b: None, DEVICE) == Blocks(128, 64, 8)
+    assert len(timed) == 3
+    monkeypatch.setattr(_tune, "_loaded", {})
+    zigspark.tuning.load_tiles(str(path))
+    assert _tune._loaded == {"k a": Blocks(128, 64, 8)}
+
+
+def test_bad_tile_tables_say_what_is_wrong(tuning, tmp_path):
+    with pytest.raises(ValueError, match="is not spelled 'MxN wW sS'"):
+        zigspark.tuning.use_tiles({"k a": "64 by 64"})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read tuned tiles from .*save_tiles"):
+        zigspark.tuning.load_tiles(str(bad))
+    with pytest.raises(ValueError, match="cannot read tuned tiles"):
+        zigspark.tuning.load_tiles(str(tmp_path / "missing.json"))

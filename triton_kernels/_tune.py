@@ -15,20 +15,29 @@ The first candidate runs, with nothing timed:
   - while a CUDA graph is being captured, where synchronising to time would break the capture (a bucket
     tuned before the capture keeps its tile).
 `pinned(name, blocks)` forces one candidate. Tests use it to check each candidate against the reference.
+
+Choices can be carried between processes: `tiles()` is the table of what this process tuned (and loaded),
+`use_tiles(table)` makes later calls take those tiles without timing, even with tuning off, and
+ZIGSPARK_TUNED_TILES=path.json (written by `save_tiles`) loads a table at the first launch. Timing differs
+from process to process, so without this two DDP ranks or two runs can pick different tiles, and results
+that differ in the last bits. The table leaves out the device index: one tuned on cuda:0 serves every rank.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
-from typing import Callable, NamedTuple, Sequence
+import re
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from .. import backends
 
 ENV = "ZIGSPARK_AUTOTUNE"
+TILES_ENV = "ZIGSPARK_TUNED_TILES"
 
 
 class Blocks(NamedTuple):
@@ -40,6 +49,8 @@ class Blocks(NamedTuple):
 
 _best: dict[tuple, Blocks] = {}
 _pinned: dict[str, Blocks] = {}
+_loaded: dict[str, Blocks] = {}      # label (the key without the device) -> tile, from use_tiles
+_env_loaded = False
 
 
 def enabled() -> bool:
@@ -71,6 +82,10 @@ def launch(name: str, key: tuple, candidates: Sequence[Blocks], run: Callable[[B
 def _pick(name, full_key, candidates, run, device) -> Blocks:
     if name in _pinned:
         return _pinned[name]
+    _load_env_once()
+    loaded = _loaded.get(_label(full_key))
+    if loaded in candidates:   # a tile this version no longer lists is passed over, and tuning decides
+        return loaded
     if len(candidates) == 1 or not enabled():
         return candidates[0]
     if full_key in _best:
@@ -87,10 +102,69 @@ def _pick(name, full_key, candidates, run, device) -> Blocks:
     return blocks
 
 
+def _spell(b: Blocks) -> str:
+    return f"{b.block_m}x{b.block_n} w{b.num_warps} s{b.num_stages}"
+
+
+_SPELLING = re.compile(r"(\d+)x(\d+) w(\d+) s(\d+)")
+
+
+def _label(full_key: tuple) -> str:
+    name, _device, *key = full_key
+    return " ".join(map(str, (name, *key)))
+
+
 def chosen() -> dict[str, str]:
     """What tuning picked in this process, readable: {"name device key...": "BLOCK_M×BLOCK_N w.. s.."}."""
-    return {" ".join(map(str, k)): f"{b.block_m}x{b.block_n} w{b.num_warps} s{b.num_stages}"
-            for k, b in _best.items()}
+    return {" ".join(map(str, k)): _spell(b) for k, b in _best.items()}
+
+
+def tiles() -> dict[str, str]:
+    """The tiles this process runs per kernel and shape bucket, tuned or loaded, keyed without the device:
+    {"attention.fwd torch.bfloat16 128 4096 4096 64 False": "64x64 w4 s3", ...}; `use_tiles` takes it."""
+    table = {label: _spell(b) for label, b in _loaded.items()}
+    table.update({_label(k): _spell(b) for k, b in _best.items()})
+    return table
+
+
+def use_tiles(table: Mapping[str, str]) -> None:
+    """Run the tiles of `table` (from `tiles()`, in this or another process) from now on, without timing."""
+    parsed = {}
+    for label, spelled in table.items():
+        match = _SPELLING.fullmatch(str(spelled))
+        if match is None:
+            raise ValueError(f"tuned tile {spelled!r} for {label!r} is not spelled 'MxN wW sS' (e.g. '64x64 w4 s3'); "
+                             "pass the table that zigspark.tuning.tiles() returns")
+        parsed[str(label)] = Blocks(*map(int, match.groups()))
+    _loaded.update(parsed)
+
+
+def save_tiles(path: str) -> None:
+    """Write `tiles()` to a JSON file that `load_tiles` or ZIGSPARK_TUNED_TILES=path reads back."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    with open(path, "w") as f:
+        json.dump({"device": device, "tiles": tiles()}, f, indent=1, sort_keys=True)
+
+
+def load_tiles(path: str) -> None:
+    """`use_tiles` on the table in a file written by `save_tiles`."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        table = saved["tiles"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read tuned tiles from {path!r} ({e}); write the file with "
+                         "zigspark.tuning.save_tiles(path)") from e
+    use_tiles(table)
+
+
+def _load_env_once() -> None:
+    global _env_loaded
+    if not _env_loaded:
+        _env_loaded = True
+        path = os.environ.get(TILES_ENV)
+        if path:
+            load_tiles(path)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from ._version import __version__
 from .backends import available_backends, last_backends
 from .errors import BackendUnavailableError
 from .nn.attention import patch_attention
-from . import nn, orders
+from . import nn, orders, tuning
 from .ops.attention import attention_received, flash_attention
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
