@@ -41,9 +41,11 @@ test-emulate:
 	emulator="$$($(PY) scripts/build_emulator.py)" && \
 	  ZIGSPARK_CUDA_EMULATOR="$$emulator" $(PY) -m pytest $(PYTEST_FLAGS) -m emulate tests
 
-# Own process: it swaps Triton's launch for an ahead-of-time compile for sm_90a (tests/aot.py), ~5 minutes.
+# Own process: it swaps Triton's launch for an ahead-of-time compile for sm_90a (tests/aot.py); one op per
+# worker, ~4 minutes on 2 cores. COMPILE_WORKERS=0 runs it in one process and prints each op's spills.
+COMPILE_WORKERS ?= auto
 test-compile:
-	$(PY) -m pytest $(PYTEST_FLAGS) -m compile tests
+	$(PY) -m pytest $(PYTEST_FLAGS) -n $(COMPILE_WORKERS) -m compile tests
 
 # Own process: TRITON_INTERPRET must be set before triton is imported.
 test-interpret:
