@@ -5,7 +5,11 @@
 
 Same semantics as causal-conv1d's causal_conv1d_fn; the order is applied where data is read and written.
 Registered as ``zigspark::causal_conv1d_fwd`` / ``_bwd``; backends today: reference (closed-form backward)
-Triton and CUDA (forward and backward, the order computed in-kernel). Not fused with the scan yet.
+Triton and CUDA (forward and backward, the order computed in-kernel).
+
+Not fused into the scan, by choice: in a Mamba block x_proj reads the conv's output, so it reaches memory
+either way (docs/ARCHITECTURE.md, selective scan). bench_selective_scan's "conv+scan" rows time the two
+back to back along the order.
 """
 
 from __future__ import annotations
