@@ -107,12 +107,20 @@ def case_spark_attention():
 
 
 def case_token_prune():
+    from zigspark.triton_kernels.token_prune import prune_tokens_bwd
+
     for dtype in (torch.float32, *HALF):
         for grid in ((24, 24), (48, 60), (64, 64), (1, 577)):
             n = grid[0] * grid[1]
             obj, deep = torch.rand(16, n).to(dtype), torch.rand(16, n).to(dtype)
             zigspark.hiprune_select(obj, deep, grid, n // 9, backend="triton")
             zigspark.hiprune_select(obj, deep, grid, n // 2, wrap_rows=True, always_keep=[0], backend="triton")
+    for dtype in (torch.float32, *HALF, torch.float64):
+        for channels in (64, 1024, 4096):                 # each row-block width
+            (x,) = _grad(torch.randn(8, 576, channels, dtype=dtype))
+            keep_idx = torch.randint(0, 576, (8, 64))
+            zigspark.prune_tokens(x, keep_idx, backend="triton").sum().backward()
+            prune_tokens_bwd(torch.randn(8, 64, channels, dtype=dtype), keep_idx, 576, unique=True)
 
 
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
@@ -123,7 +131,7 @@ KERNELS = {   # every kernel an op launches must have been compiled by its case
     "flash_attention": {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_received_kernel"},
     "spark_ffn": {"_active_values_kernel", "_project_kernel"},
     "spark_attention": {"_stats_kernel", "_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
-    "token_prune": {"_hiprune_kernel"},
+    "token_prune": {"_hiprune_kernel", "_gather_rows_kernel", "_scatter_rows_kernel"},
 }
 
 

@@ -381,8 +381,11 @@ def test_gpu_auto_runs_the_cuda_kernel():
     assert empty.shape == (0, 64)
 
 
-def check_prune_tokens_kernels(device, dtype, channels):
-    from zigspark.cuda_ops import token_prune as kernels
+def check_prune_tokens_kernels(device, dtype, channels, backend="cuda"):
+    if backend == "triton":
+        from zigspark.triton_kernels import token_prune as kernels
+    else:
+        from zigspark.cuda_ops import token_prune as kernels
 
     batch, n, keep = 3, 50, 17
     x = torch.randn(batch, n, channels, device=device).to(dtype)
@@ -412,19 +415,31 @@ def check_prune_tokens_kernels(device, dtype, channels):
     assert torch.equal(kernels.prune_tokens_fwd(x, repeated), torch.gather(x, 1, repeated[..., None].expand(
         -1, -1, channels)))
     # the op on both backends, forward and gradient, agrees with the kernel pair
-    for backend in ("reference", "cuda"):
+    for op_backend in ("reference", backend):
         xr = x.clone().requires_grad_(True)
-        out = zigspark.prune_tokens(xr, idx, backend=backend)
+        out = zigspark.prune_tokens(xr, idx, backend=op_backend)
         assert torch.equal(out, expected)
         out.backward(grad)
-        assert torch.equal(xr.grad, kernels.prune_tokens_bwd(grad, idx, n, unique=True)), backend
+        assert torch.equal(xr.grad, kernels.prune_tokens_bwd(grad, idx, n, unique=True)), op_backend
+    # a gradient that is not contiguous (the kernels read it through its strides)
+    strided = torch.randint(-2, 3, (batch, channels, keep), device=device).to(dtype).transpose(1, 2)
+    assert torch.equal(kernels.prune_tokens_bwd(strided, repeated, n), torch.zeros(batch, n, channels, device=device,
+                       dtype=dtype).scatter_add_(1, repeated[..., None].expand(-1, -1, channels), strided))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("channels", [1, 3, 8, 64, 1000, 1024])
-def test_gpu_prune_tokens_kernels_match_torch_indexing(dtype, channels):
-    check_prune_tokens_kernels("cuda", dtype, channels)
+@pytest.mark.parametrize("channels", [1, 3, 8, 64, 1000, 1024, 2500])
+def test_gpu_prune_tokens_kernels_match_torch_indexing(backend, dtype, channels):
+    check_prune_tokens_kernels("cuda", dtype, channels, backend)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels", [1, 3, 1100])
+def test_triton_prune_tokens_kernels_match_torch_indexing(triton_device, dtype, channels):
+    check_prune_tokens_kernels(triton_device, dtype, channels, "triton")
 
 
 @pytest.mark.emulate

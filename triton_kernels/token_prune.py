@@ -8,6 +8,11 @@ Anchors and buffers are few (n_anchor = round(keep·alpha/5)), so they are taken
 reductions. Registers are many: the need-th largest deep score is found without sorting by a 32-step
 bisection over the order-preserving integer image of the float32 scores, then ties at that value are
 resolved by index with a cumulative sum. The chosen mask is compacted into ascending indices the same way.
+
+The gather that follows, out[b, j] = x[b, index[b, j]], copies one kept row per program (a block of
+channels at a time, any strides); its backward adds each row of the gradient back at its index into zeros,
+with plain stores when the indices are unique within each sample (hiprune_select's are) and atomic adds
+otherwise — in float32 for 16-bit gradients, rounded once at the end, so repeats do not round per add.
 """
 
 from __future__ import annotations
@@ -100,3 +105,60 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, alw
                               out, n, keep, always.numel(), n_anchor, grid[0], grid[1],
                               WRAP=bool(wrap_rows), BLOCK=block, num_warps=min(16, max(4, block // 256)))
     return out
+
+
+@triton.jit
+def _gather_rows_kernel(X, INDEX, OUT, keep, channels, stride_xb, stride_xn, stride_xc,
+                        BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)                  # b·keep + j
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = cols < channels
+    src = tl.load(INDEX + row)
+    values = tl.load(X + (row // keep) * stride_xb + src * stride_xn + cols * stride_xc, mask=inside)
+    tl.store(OUT + row * channels + cols, values, mask=inside)
+
+
+@triton.jit
+def _scatter_rows_kernel(GRAD, INDEX, GRAD_X, keep, tokens, channels, stride_gb, stride_gk, stride_gc,
+                         UNIQUE: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = cols < channels
+    b = row // keep
+    dst = tl.load(INDEX + row)
+    g = tl.load(GRAD + b * stride_gb + (row - b * keep) * stride_gk + cols * stride_gc, mask=inside)
+    target = GRAD_X + (b * tokens + dst) * channels + cols
+    if UNIQUE:
+        tl.store(target, g.to(GRAD_X.dtype.element_ty), mask=inside)
+    else:
+        tl.atomic_add(target, g.to(GRAD_X.dtype.element_ty), mask=inside)
+
+
+def _row_launch(rows: int, channels: int):
+    block = min(1024, max(16, triton.next_power_of_2(channels)))
+    return (rows, triton.cdiv(channels, block)), dict(BLOCK_C=block, num_warps=4 if block >= 512 else 1)
+
+
+def prune_tokens_fwd(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (batch, N, C), any strides; index (batch, keep) in [0, N) -> (batch, keep, C) contiguous."""
+    batch, _, channels = x.shape
+    keep = index.shape[1]
+    out = torch.empty(batch, keep, channels, device=x.device, dtype=x.dtype)
+    if out.numel():
+        grid, meta = _row_launch(batch * keep, channels)
+        _gather_rows_kernel[grid](x, index.contiguous(), out, keep, channels, *x.stride(), **meta)
+    return out
+
+
+def prune_tokens_bwd(grad_out: torch.Tensor, index: torch.Tensor, tokens: int, unique: bool = False) -> torch.Tensor:
+    """grad_out (batch, keep, C) -> grad_x (batch, tokens, C): grad_x[b, index[b, j]] += grad_out[b, j], zeros
+    elsewhere. unique=True promises each index at most once per sample (plain stores)."""
+    batch, keep, channels = grad_out.shape
+    wide = grad_out.dtype in (torch.float16, torch.bfloat16) and not unique
+    grad_x = torch.zeros(batch, tokens, channels, device=grad_out.device,
+                         dtype=torch.float32 if wide else grad_out.dtype)
+    if grad_out.numel():
+        grid, meta = _row_launch(batch * keep, channels)
+        _scatter_rows_kernel[grid](grad_out, index.contiguous(), grad_x, keep, tokens, channels, *grad_out.stride(),
+                                   UNIQUE=bool(unique), **meta)
+    return grad_x.to(grad_out.dtype) if wide else grad_x

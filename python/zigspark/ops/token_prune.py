@@ -20,9 +20,9 @@ Backends: reference (vectorised PyTorch), Triton (one fused program per sample, 
 (csrc/token_prune: one block per sample, radix select instead of sorts, any N; float32/16/bf16 scores). The
 baselines always run in PyTorch. The selection is the custom op zigspark::hiprune_select (its value checks
 run inside it, so a caller compiles with fullgraph=True). prune_tokens (zigspark::prune_tokens_fwd / _bwd)
-runs torch.gather and scatter_add on the reference backend, and the CUDA gather/scatter kernels (16-byte row
-copies; the backward adds into zeros with atomics, since indices may repeat) on the cuda backend. `auto`
-keeps torch.gather first until a benchmark shows the kernel ahead.
+runs index_select and scatter_add on the reference backend, and gather/scatter kernels on the Triton and
+cuda backends (CUDA: 16-byte row copies; both backwards add into zeros with atomics, since indices may
+repeat). `auto` keeps the reference first until a benchmark shows a kernel ahead.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ..validation import check_float_tensor, check_same_device
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 backends.register_op("hiprune_select", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]},
                      size_key="N")
-backends.register_op("prune_tokens", {"reference": _DTYPES, "cuda": _DTYPES}, size_key="N")
+backends.register_op("prune_tokens", {"reference": _DTYPES, "triton": _DTYPES, "cuda": _DTYPES}, size_key="N")
 STRATEGIES = ("hiprune", "attention", "random")
 TRITON_MAX_N = 4096  # one program holds the sample; beyond this ptxas spills (ahead-of-time compile, sm_90)
 
@@ -157,13 +157,19 @@ def _(obj_scores, deep_scores, h, w, keep, n_anchor, wrap_rows, always, backend)
     return obj_scores.new_empty((obj_scores.shape[0], keep), dtype=torch.int64)
 
 
+def _gather_kernels(backend: str):
+    if backend == "triton":
+        from ..triton_kernels import token_prune as kernels
+    else:
+        from ..cuda_ops import token_prune as kernels
+    return kernels
+
+
 @torch.library.custom_op("zigspark::prune_tokens_fwd", mutates_args=())
 def prune_tokens_fwd(x: torch.Tensor, keep_idx: torch.Tensor, backend: str) -> torch.Tensor:
     """(batch, N, C), (batch, keep) int64 -> (batch, keep, C): out[b, j] = x[b, keep_idx[b, j]]."""
-    if backend == "cuda":
-        from ..cuda_ops import token_prune as kernels
-
-        return kernels.prune_tokens_fwd(x, keep_idx)
+    if backend != "reference":
+        return _gather_kernels(backend).prune_tokens_fwd(x, keep_idx)
     # whole rows by index_select on (batch·N, C): 6x faster on CPU than torch.gather's element-wise index
     batch, tokens, channels = x.shape
     rows = (keep_idx + torch.arange(batch, device=x.device)[:, None] * tokens).reshape(-1)
@@ -178,10 +184,8 @@ def _(x, keep_idx, backend):
 @torch.library.custom_op("zigspark::prune_tokens_bwd", mutates_args=())
 def prune_tokens_bwd(grad_out: torch.Tensor, keep_idx: torch.Tensor, tokens: int, backend: str) -> torch.Tensor:
     """grad_x (batch, tokens, C): the kept rows' gradients added back at their indices, zeros elsewhere."""
-    if backend == "cuda":
-        from ..cuda_ops import token_prune as kernels
-
-        return kernels.prune_tokens_bwd(grad_out, keep_idx, tokens, unique=False)
+    if backend != "reference":
+        return _gather_kernels(backend).prune_tokens_bwd(grad_out, keep_idx, tokens, unique=False)
     grad_x = grad_out.new_zeros((grad_out.shape[0], tokens, grad_out.shape[2]))
     return grad_x.scatter_add_(1, keep_idx[..., None].expand(-1, -1, grad_out.shape[2]), grad_out)
 
