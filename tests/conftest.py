@@ -69,6 +69,15 @@ def triton_device():
     return torch.device("cpu")
 
 
+@pytest.fixture
+def small_grid(monkeypatch):
+    """A grid axis of 2 programs instead of CUDA's 65535, so that tiny shapes launch the attention kernels in
+    slices of the batch as a batch·heads over 65535 would."""
+    from zigspark.triton_kernels import _grid
+
+    monkeypatch.setattr(_grid, "GRID_Y_MAX", 2)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-tensor model tests: on a 2-core machine two threads cost more

@@ -217,6 +217,14 @@ def test_triton_attention_matches_reference(triton_device, dtype, case):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("case", [(3, 20, 24, 2, 1, 16, True), (3, 17, 17, 3, 3, 16, False)], ids=str)
+def test_triton_attention_in_batch_slices(triton_device, small_grid, case):
+    """batch·heads over the grid limit: every kernel runs once per slice of the batch (two programs per
+    launch here), and the results are still the reference's."""
+    check_attention_backend("triton", triton_device, torch.float16, case)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("head_dim, causal", [(16, False), (16, True), (96, True), (256, False)])
 def test_triton_attention_every_tile_candidate(triton_device, head_dim, causal):
     """Every tile the GPU's tuning may pick gives the reference's results: forward, both backward kernels and

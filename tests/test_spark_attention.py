@@ -252,6 +252,12 @@ def test_triton_matches_reference_small_tiles(triton_device, small_tiles, dtype,
     check_spark_backend(triton_device, dtype, case)
 
 
+@pytest.mark.interpret
+def test_triton_in_batch_slices(triton_device, small_grid):
+    """batch·heads over the grid limit: the kernels run once per slice of the batch, results unchanged."""
+    check_spark_backend(triton_device, torch.float16, (3, 17, 17, 2, 16, 4, 5, True))
+
+
 def cold_block_inputs(device, seqlen, cold, r, head_dim=16, heads=2):
     """Inputs in which no query keeps any key of `cold` (a range of whole key tiles): all q[:, :, :, 0] are
     large and positive, those keys' k[..., 0] large and negative, so their s1 lies far below every θ."""

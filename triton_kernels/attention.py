@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from .._alloc import new_output, new_output_like
-from . import _tune
+from . import _grid, _tune
 from ._tune import Blocks as B
 
 LOG2E = 1.4426950408889634
@@ -228,6 +228,26 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, seqlen_q, heads, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Δ_i = rowsum(dO_i ⊙ o_i) in fp32, (B, H, S_q): the backward's preprocessing, read from o and dO as
+    stored (last dimension contiguous), without fp32 copies of either."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
+    h = bh % heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    inside = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], mask=inside, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=inside, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
 def _dq_tile(q, do, lse, delta, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, dq,
              seqlen_q, seqlen_k, qk_scale_log2,
              CAUSAL: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -400,13 +420,14 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     vv, oo = (v, out) if need_out else (k, q)  # placeholders when only lse is wanted (HAS_V = False)
 
     def run(t):
-        _attn_fwd_kernel[(triton.cdiv(seqlen_q, t.block_m), batch * heads)](
-            q, k, vv, oo, lse, *_strides(q), *_strides(k), *_strides(vv), *_strides(oo),
-            seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
-            CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
+        for s in _grid.batch_slices(batch, heads):
+            _attn_fwd_kernel[(triton.cdiv(seqlen_q, t.block_m), (s.stop - s.start) * heads)](
+                q[s], k[s], vv[s], oo[s], lse[s], *_strides(q), *_strides(k), *_strides(vv), *_strides(oo),
+                seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
+                CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
+                BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
+                num_warps=t.num_warps, num_stages=t.num_stages,
+            )
 
     _launch("fwd", q, seqlen_k, run, causal, need_out)
     return out, lse
@@ -416,28 +437,35 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     """-> (dq, dk, dv) in the inputs' dtypes."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # (B, H, S_q)
+    delta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
+    delta_rows = max(16, 4096 // _block_d(head_dim))   # 4096-element tiles: 32 per thread and operand
+    for s in _grid.batch_slices(batch, heads):
+        _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_rows), (s.stop - s.start) * heads)](
+            out[s], dout[s], delta[s], *_strides(out), *_strides(dout), seqlen_q, heads, head_dim,
+            BLOCK_M=delta_rows, BLOCK_D=_block_d(head_dim), num_warps=4)
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     ieee = q.dtype == torch.float32
     group = heads // kv_heads
 
     def run_dkdv(t):
-        _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, t.block_n), batch * kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-            seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, scale * LOG2E,
-            CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-            BLOCK_D=_block_d(head_dim), num_warps=t.num_warps, num_stages=t.num_stages,
-        )
+        for s in _grid.batch_slices(batch, kv_heads):
+            _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, t.block_n), (s.stop - s.start) * kv_heads)](
+                q[s], k[s], v[s], dout[s], lse[s], delta[s], dk[s], dv[s],
+                *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+                seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, scale * LOG2E,
+                CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                BLOCK_D=_block_d(head_dim), num_warps=t.num_warps, num_stages=t.num_stages,
+            )
 
     def run_dq(t):
-        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, t.block_m), batch * heads)](
-            q, k, v, dout, lse, delta, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            seqlen_q, seqlen_k, heads, group, head_dim, scale, scale * LOG2E,
-            CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-            BLOCK_D=_block_d(head_dim), num_warps=t.num_warps, num_stages=t.num_stages,
-        )
+        for s in _grid.batch_slices(batch, heads):
+            _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, t.block_m), (s.stop - s.start) * heads)](
+                q[s], k[s], v[s], dout[s], lse[s], delta[s], dq[s],
+                *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+                seqlen_q, seqlen_k, heads, group, head_dim, scale, scale * LOG2E,
+                CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                BLOCK_D=_block_d(head_dim), num_warps=t.num_warps, num_stages=t.num_stages,
+            )
 
     # the dK/dV programs each loop over the `group` query heads of their key head: tune per group size
     _launch("dkdv", q, seqlen_k, run_dkdv, causal, group)
@@ -453,13 +481,14 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
     weight = None if query_weight is None else query_weight.to(torch.float32).contiguous()
 
     def run(t):
-        _attn_received_kernel[(triton.cdiv(seqlen_k, t.block_n), batch * heads)](
-            q, k, lse, weight if weight is not None else lse, received, *_strides(q), *_strides(k),
-            seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
-            CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
+        for s in _grid.batch_slices(batch, heads):
+            _attn_received_kernel[(triton.cdiv(seqlen_k, t.block_n), (s.stop - s.start) * heads)](
+                q[s], k[s], lse[s], weight if weight is not None else lse, received[s], *_strides(q), *_strides(k),
+                seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
+                CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
+                BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
+                num_warps=t.num_warps, num_stages=t.num_stages,
+            )
 
     _launch("received", q, seqlen_k, run, causal, weight is not None)
     return received

@@ -21,10 +21,11 @@ from .._alloc import new_output_like
 
 
 @triton.jit
-def _conv_pre(X, W, BIAS, b, d, d_ok, t, dim, L, ORDER, frames, gh, gw, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _conv_pre(X, W, BIAS, d, d_ok, t, dim, L, ORDER, frames, gh, gw, K: tl.constexpr, HAS_BIAS: tl.constexpr,
               KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """pre-activation at steps t for channels d, (BLOCK_D, BLOCK_T) float32."""
+    """pre-activation at steps t for channels d of one sample (X points at its first element), (BLOCK_D, BLOCK_T)
+    float32."""
     acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(BIAS + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
@@ -32,7 +33,7 @@ def _conv_pre(X, W, BIAS, b, d, d_ok, t, dim, L, ORDER, frames, gh, gw, K: tl.co
         tk = t - (K - 1) + k
         ok = (tk >= 0) & (tk < L)
         pos = order_position(tk, ORDER, L, frames, gh, gw, KIND, PATH, REVERSE)
-        xk = tl.load(X + b * dim * L + d[:, None] * L + pos[None, :], mask=d_ok[:, None] & ok[None, :], other=0.0)
+        xk = tl.load(X + d[:, None] * L + pos[None, :], mask=d_ok[:, None] & ok[None, :], other=0.0)
         wk = tl.load(W + d * K + k, mask=d_ok, other=0.0).to(tl.float32)
         acc += wk[:, None] * xk.to(tl.float32)
     return acc
@@ -43,19 +44,21 @@ def _conv_fwd_kernel(X, W, BIAS, OUT, ORDER, dim, L, frames, gh, gw,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    b = tl.program_id(0)
+    # the sample's offset b·dim·L can pass 2³¹ elements: int64, added to the base pointers once; within a
+    # sample d·L + position stays int32 (vectors of int64 offsets cost the registers these tiles need)
+    start = tl.program_id(0).to(tl.int64) * dim * L
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     d_ok = d < dim
     t_ok = t < L
-    pre = _conv_pre(X, W, BIAS, b, d, d_ok, t, dim, L, ORDER, frames, gh, gw, K, HAS_BIAS, KIND, PATH, REVERSE,
+    pre = _conv_pre(X + start, W, BIAS, d, d_ok, t, dim, L, ORDER, frames, gh, gw, K, HAS_BIAS, KIND, PATH, REVERSE,
                     BLOCK_D, BLOCK_T)
     if SILU:
         out = pre * tl.sigmoid(pre)
     else:
         out = pre
     pos = order_position(t, ORDER, L, frames, gh, gw, KIND, PATH, REVERSE)
-    tl.store(OUT + b * dim * L + d[:, None] * L + pos[None, :], out.to(OUT.dtype.element_ty),
+    tl.store(OUT + start + d[:, None] * L + pos[None, :], out.to(OUT.dtype.element_ty),
              mask=d_ok[:, None] & t_ok[None, :])
 
 
@@ -65,18 +68,20 @@ def _conv_grad_pre_kernel(X, W, BIAS, DOUT, G, ORDER, dim, L, frames, gh, gw,
                           KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """g = dout·silu'(pre), written in raster layout (float32)."""
-    b = tl.program_id(0)
+    # the sample's offset b·dim·L can pass 2³¹ elements: int64, added to the base pointers once; within a
+    # sample d·L + position stays int32 (vectors of int64 offsets cost the registers these tiles need)
+    start = tl.program_id(0).to(tl.int64) * dim * L
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     d_ok = d < dim
     valid = d_ok[:, None] & (t < L)[None, :]
-    pre = _conv_pre(X, W, BIAS, b, d, d_ok, t, dim, L, ORDER, frames, gh, gw, K, HAS_BIAS, KIND, PATH, REVERSE,
+    pre = _conv_pre(X + start, W, BIAS, d, d_ok, t, dim, L, ORDER, frames, gh, gw, K, HAS_BIAS, KIND, PATH, REVERSE,
                     BLOCK_D, BLOCK_T)
     pos = order_position(t, ORDER, L, frames, gh, gw, KIND, PATH, REVERSE)
-    offs = b * dim * L + d[:, None] * L + pos[None, :]
+    offs = d[:, None] * L + pos[None, :]
     sig = tl.sigmoid(pre)
-    g = tl.load(DOUT + offs, mask=valid, other=0.0).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
-    tl.store(G + offs, g, mask=valid)
+    g = tl.load(DOUT + start + offs, mask=valid, other=0.0).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(G + start + offs, g, mask=valid)
 
 
 @triton.jit
@@ -84,12 +89,15 @@ def _conv_bwd_kernel(X, W, G, DX, DW, DBIAS, ORDER, dim, L, frames, gh, gw,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr,
                      KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    b = tl.program_id(0)
+    # the sample's offset b·dim·L can pass 2³¹ elements: int64, added to the base pointers once; within a
+    # sample d·L + position stays int32 (vectors of int64 offsets cost the registers these tiles need)
+    start = tl.program_id(0).to(tl.int64) * dim * L
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     d_ok = d < dim
     s_ok = s < L
-    row = b * dim * L + d[:, None] * L
+    X, G, DX = X + start, G + start, DX + start
+    row = d[:, None] * L
     dx = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
     for j in tl.static_range(K):   # ∂x at step s collects g at steps s .. s+K−1
         sj = s + j

@@ -19,7 +19,7 @@ def order_position(t, ORDER, length, frames, h, w,
     if KIND == 4:
         pos = t
     elif KIND == 3:
-        pos = tl.load(ORDER + t, mask=t < length, other=0).to(tl.int32)
+        pos = tl.load(ORDER + t, mask=(t >= 0) & (t < length), other=0).to(tl.int32)  # the conv asks for t < 0
     elif KIND == 0:
         if REVERSE:
             pos = length - 1 - t

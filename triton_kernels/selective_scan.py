@@ -98,7 +98,7 @@ def _selective_scan_fwd_kernel(
     KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b·dim·L and the checkpoints' b·dim·chunks·N can pass 2³¹
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
     n = tl.arange(0, N_PAD)
@@ -137,7 +137,7 @@ def _selective_scan_bwd_kernel(
     KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, T: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b·dim·L and the checkpoints' b·dim·chunks·N can pass 2³¹
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
     n = tl.arange(0, N_PAD)

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output, new_output_like
-from .attention import _dot, _visible  # same causal mask (bottom-right aligned) as flash attention
+from . import _grid
+from .attention import _attn_bwd_delta_kernel, _dot, _visible  # flash attention's causal mask and Δ
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global, so jit code may read it
 
@@ -125,18 +126,19 @@ def _stats_kernel(
         s1 = _dot(q1, _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r), IEEE) * scale1
         vis = _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL)
         n_t = tl.sum(vis.to(tl.float32), axis=1)
-        mean_t = tl.sum(tl.where(vis, s1, 0.0), axis=1) / tl.maximum(n_t, 1.0)
+        # correctly rounded division and square root (plain ones compile to approximate PTX), as the reference
+        mean_t = tl.div_rn(tl.sum(tl.where(vis, s1, 0.0), axis=1), tl.maximum(n_t, 1.0))
         dev = tl.where(vis, s1 - mean_t[:, None], 0.0)
         # Chan et al.: n = n_a + n_b, δ = μ_b − μ_a, μ = μ_a + δ·n_b/n, M2 = M2_a + M2_b + δ²·n_a·n_b/n
         n_new = count + n_t
         delta = mean_t - mean
-        frac = n_t / tl.maximum(n_new, 1.0)
+        frac = tl.div_rn(n_t, tl.maximum(n_new, 1.0))
         mean = mean + delta * frac
         m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * count * frac
         count = n_new
     m_ok = offs_m < seqlen_q
     z = tl.load(Z + offs_m, mask=m_ok, other=float("-inf"))
-    std = tl.sqrt(m2 / tl.maximum(count, 1.0))
+    std = tl.sqrt_rn(tl.div_rn(m2, tl.maximum(count, 1.0)))
     dense = z == float("-inf")                      # n_i ≤ top_k: keep every visible key
     theta = tl.where(dense, float("-inf"), mean + std * tl.where(dense, 0.0, z))
     tl.store(THETA + bh * seqlen_q + offs_m, theta, mask=m_ok)
@@ -200,24 +202,6 @@ def _fwd_kernel(
 
 
 # ---- backward --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _delta_kernel(
-    O, DO, DELTA, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, seqlen_q, heads, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Δ_i = dO_i·o_i, in fp32 from the stored o (flash attention's preprocessing)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _tile(O + b * so_b + h * so_h, offs_m, so_s, seqlen_q, 0, offs_d, head_dim)
-    do = _tile(DO + b * sdo_b + h * sdo_h, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + bh * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
-
 
 @triton.jit
 def _score_grads(s1, keep, s2, lse, delta, dpv):
@@ -392,17 +376,19 @@ def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool):
     lse = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     kept = new_output((batch, heads, seqlen_q), torch.int64, q.device)
     out = new_output_like(q)
-    grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads)
-    _stats_kernel[grid](
-        q, k, quantile_z(seqlen_q, seqlen_k, top_k, causal, q.device), theta, *_strides(q), *_strides(k),
-        seqlen_q, seqlen_k, heads, r, scale1,
-        CAUSAL=causal, IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-        num_warps=cfg["num_warps"],
-    )
-    _fwd_kernel[grid](
-        q, k, v, theta, out, lse, kept, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **cfg,
-    )
+    z = quantile_z(seqlen_q, seqlen_k, top_k, causal, q.device)
+    for s in _grid.batch_slices(batch, heads):
+        grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), (s.stop - s.start) * heads)
+        _stats_kernel[grid](
+            q[s], k[s], z, theta[s], *_strides(q), *_strides(k), seqlen_q, seqlen_k, heads, r, scale1,
+            CAUSAL=causal, IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+            num_warps=cfg["num_warps"],
+        )
+        _fwd_kernel[grid](
+            q[s], k[s], v[s], theta[s], out[s], lse[s], kept[s], *_strides(q), *_strides(k), *_strides(v),
+            *_strides(out), seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee,
+            **cfg,
+        )
     return out, lse, theta, kept
 
 
@@ -415,20 +401,21 @@ def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool):
     q_cfg = _config(head_dim, r, seqlen_q, seqlen_k, ieee, "dq")
     scale1, scale2 = r ** -0.5, (head_dim - r) ** -0.5
     delta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
-    q_grid = (triton.cdiv(seqlen_q, q_cfg["BLOCK_M"]), batch * heads)
-    _delta_kernel[q_grid](
-        out, dout, delta, *_strides(out), *_strides(dout), seqlen_q, heads, head_dim,
-        BLOCK_M=q_cfg["BLOCK_M"], BLOCK_D=q_cfg["BLOCK_D"], num_warps=4,
-    )
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
-    _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, kv_cfg["BLOCK_N"]), batch * heads)](
-        q, k, v, dout, theta, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **kv_cfg,
-    )
-    _bwd_dq_kernel[q_grid](
-        q, k, v, dout, theta, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **q_cfg,
-    )
+    for s in _grid.batch_slices(batch, heads):
+        q_grid = (triton.cdiv(seqlen_q, q_cfg["BLOCK_M"]), (s.stop - s.start) * heads)
+        _attn_bwd_delta_kernel[q_grid](
+            out[s], dout[s], delta[s], *_strides(out), *_strides(dout), seqlen_q, heads, head_dim,
+            BLOCK_M=q_cfg["BLOCK_M"], BLOCK_D=q_cfg["BLOCK_D"], num_warps=4,
+        )
+        _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, kv_cfg["BLOCK_N"]), (s.stop - s.start) * heads)](
+            q[s], k[s], v[s], dout[s], theta[s], lse[s], delta[s], dk[s], dv[s],
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+            seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **kv_cfg,
+        )
+        _bwd_dq_kernel[q_grid](
+            q[s], k[s], v[s], dout[s], theta[s], lse[s], delta[s], dq[s],
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+            seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **q_cfg,
+        )
     return dq, dk, dv

@@ -26,7 +26,7 @@ def _gelu(x):
 @triton.jit
 def _active_values_kernel(X, G, K2, A, r, d_model, d_ff, sx_t, sg_t, sk2_f, sa_t,
                           BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # tokens·d_ff can pass 2³¹ in a long prefill
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < d_ff
     g = tl.load(G + t * sg_t + f, mask=f_ok, other=0.0).to(tl.float32)
@@ -46,7 +46,7 @@ def _active_values_kernel(X, G, K2, A, r, d_model, d_ff, sx_t, sg_t, sk2_f, sa_t
 @triton.jit
 def _project_kernel(A, VT, Y, d_model, d_ff, sa_t, svt_f, sy_t,
                     BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # tokens·d_ff can pass 2³¹ in a long prefill
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < d_model
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)

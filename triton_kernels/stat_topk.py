@@ -53,13 +53,13 @@ def _streaming_moments(x_row, d, BLOCK: tl.constexpr, ACC: tl.constexpr):
         valid = offs < d
         x = tl.load(x_row + offs, mask=valid, other=0.0).to(ACC)
         count = tl.minimum(d - start, BLOCK).to(ACC)
-        chunk_mean = tl.sum(x, axis=0) / count
+        chunk_mean = _div(tl.sum(x, axis=0), count, ACC)
         dev = tl.where(valid, x - chunk_mean, 0.0)
         chunk_m2 = tl.sum(dev * dev, axis=0)
         total = n + count
         delta = chunk_mean - mean
-        mean = mean + delta * (count / total)
-        m2 = m2 + chunk_m2 + delta * delta * (n * count / total)
+        mean = mean + delta * _div(count, total, ACC)
+        m2 = m2 + chunk_m2 + delta * delta * _div(n * count, total, ACC)
         n = total
     return mean, _sqrt(_div(m2, d, ACC), ACC)
 
@@ -128,8 +128,8 @@ def _stat_topk_bwd_kernel(
         x = tl.load(x_row + offs, mask=valid, other=0.0).to(ACC)
         g = tl.load(g_row + offs, mask=valid, other=0.0).to(ACC)
         s += tl.sum(tl.where(x > theta, g, 0.0), axis=0)
-    s_over_d = s / d
-    z_inv_std = tl.where(std > 0, z / std, 0.0)
+    s_over_d = _div(s, d, ACC)
+    z_inv_std = tl.where(std > 0, _div(z, std, ACC), 0.0)
     for start in range(0, d, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < d

@@ -157,7 +157,7 @@ def check_order(order, length: int, device: torch.device):
                         f"shape {tuple(order.shape)}")
     if order.numel() != length:
         raise ValueError(f"order has {order.numel()} entries but the sequence length L is {length}")
-    order = order.to(device=device, dtype=torch.int64)
+    order = order.to(device=device, dtype=torch.int64).contiguous()  # the kernels read it with stride 1
     seen = torch.zeros(length, dtype=torch.bool, device=device)
     in_range = bool(((order >= 0) & (order < length)).all())
     if in_range:

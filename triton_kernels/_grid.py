@@ -1,0 +1,17 @@
+"""Launch grids larger than CUDA allows in one launch.
+
+The attention kernels put batch·heads on the grid's second axis, which CUDA caps at 65535 programs (the
+first axis takes 2³¹ − 1). Batches with more programs than that launch once per slice of the batch; the
+kernels address everything through batch strides (and lse-like outputs, (batch, heads, seqlen)
+contiguous, through views of the slice), so a slice is a smaller call of the same kernel.
+"""
+
+from __future__ import annotations
+
+GRID_Y_MAX = 65535
+
+
+def batch_slices(batch: int, per_sample: int) -> list[slice]:
+    """Slices of range(batch) of at most GRID_Y_MAX // per_sample samples each (one slice when it fits)."""
+    step = max(1, GRID_Y_MAX // max(1, per_sample))
+    return [slice(start, min(batch, start + step)) for start in range(0, max(batch, 1), step)]
