@@ -56,4 +56,20 @@ class DeviceGuard {
 
 inline void check_launch(const char* kernel) { cuda_check(cudaGetLastError(), kernel); }
 
+// Lets `kernel` use all the dynamic shared memory a block can have on `device` beyond its static shared
+// memory. The limit belongs to the kernel, process-wide, and the bindings release the GIL: setting it to
+// each launch's own size would let a concurrent launch of a smaller shape lower it under a larger one
+// between the set and the launch. Always setting the same maximum is safe under any interleaving. Callers
+// check their size against that maximum first.
+inline void allow_all_dynamic_shared_memory(const void* kernel, int device, const char* what) {
+  int optin = 0;
+  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(shared memory per block)");
+  cudaFuncAttributes attr;
+  cuda_check(cudaFuncGetAttributes(&attr, kernel), what);
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  optin - int(attr.sharedSizeBytes)),
+             what);
+}
+
 }  // namespace zigspark

@@ -381,9 +381,8 @@ void forward_typed(const SparkFfnForwardArgs& a) {
                                     " bytes of shared memory per block, more than this GPU's " +
                                     std::to_string(optin) + "; use backend='triton' or 'reference'");
       }
-      cuda_check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                 "cudaFuncSetAttribute(spark_ffn shared memory)");
+      allow_all_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), a.device,
+                                      "cudaFuncSetAttribute(spark_ffn shared memory)");
     }
     kernel<<<blocks, kThreads, smem, stream>>>(p);
     check_launch("spark_ffn slice kernel launch");

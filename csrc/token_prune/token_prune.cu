@@ -425,10 +425,9 @@ void select_typed(const HipruneSelectArgs& a, const SelectParams& p, int threads
   } else {
     auto kernel = hiprune_select_kernel<T, true>;
     // Always opt in: without it the dynamic limit is 48 KB *minus the kernel's static shared memory*, so
-    // a test against 48 KB alone would let sizes just under it fail to launch.
-    cuda_check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.bytes)),
-               "cudaFuncSetAttribute(hiprune_select shared memory)");
+    // a test against 48 KB alone would let sizes just under it fail to launch. staged_limit() checked the size.
+    allow_all_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), a.device,
+                                    "cudaFuncSetAttribute(hiprune_select shared memory)");
     kernel<<<unsigned(a.batch), threads, size_t(layout.bytes), stream>>>(p);
   }
   check_launch("hiprune_select kernel launch");
