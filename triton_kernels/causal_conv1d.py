@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .orders import order_launch_args, order_position
-from .._alloc import new_output_like
+from .._alloc import new_output, new_output_like
 
 
 @triton.jit
@@ -145,7 +145,7 @@ def causal_conv1d_bwd(dout, x, weight, bias, silu, order_params, order_index):
     flags = dict(K=K, HAS_BIAS=bias is not None, KIND=kind, PATH=path, REVERSE=reverse, BLOCK_D=block_d,
                  BLOCK_T=block_t)
     if silu:
-        g = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        g = new_output(x.shape, torch.float32, x.device)
         _conv_grad_pre_kernel[grid](x, weight, bias, dout, g, order, dim, L, frames, gh, gw, **flags)
     else:
         g = dout

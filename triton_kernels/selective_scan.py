@@ -297,9 +297,9 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, d
     du = new_output((batch, dim, L), torch.float32, u.device)
     ddelta = new_output((batch, dim, L), torch.float32, u.device)
     dA = new_output((batch, dim, N), torch.float32, u.device)
-    dB = torch.empty(batch, dim, N, **f32) if B.dim() == 2 else torch.zeros(B.shape, **f32)
-    dC = torch.empty(batch, dim, N, **f32) if C.dim() == 2 else torch.zeros(C.shape, **f32)
-    dD = torch.empty(batch, dim, **f32) if D is not None else None
+    dB = new_output((batch, dim, N), torch.float32, u.device) if B.dim() == 2 else torch.zeros(B.shape, **f32)
+    dC = new_output((batch, dim, N), torch.float32, u.device) if C.dim() == 2 else torch.zeros(C.shape, **f32)
+    dD = new_output((batch, dim), torch.float32, u.device) if D is not None else None
     dz = new_output_like(z) if z is not None else None
     order, frames, gh, gw, kind, path, reverse = order_launch_args(order_params, order_index, L)
     grid = (batch, triton.cdiv(dim, block_d))

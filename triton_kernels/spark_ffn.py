@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from .._alloc import new_output_like
+from .._alloc import new_output, new_output_like
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: 
     VT (d_ff, d_model) = Vᵀ contiguous -> y (tokens, d_model)."""
     tokens, d_model = x.shape
     d_ff = gate.shape[1]
-    a = torch.empty(tokens, d_ff, device=x.device, dtype=torch.float32)
+    a = new_output((tokens, d_ff), torch.float32, x.device)
     block_f, block_k = 64, min(128, triton.next_power_of_2(max(d_model - r, 16)))
     _active_values_kernel[(tokens, triton.cdiv(d_ff, block_f))](
         x, gate, K2, a, r, d_model, d_ff, x.stride(0), gate.stride(0), K2.stride(0), a.stride(0),

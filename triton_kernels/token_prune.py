@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._alloc import new_output
+
 
 @triton.jit
 def _take(selected, count, keep, idx, candidate):
@@ -97,7 +99,7 @@ def _hiprune_kernel(OBJ, DEEP, ALWAYS, OUT, N, keep, n_always, n_anchor, h, w,
 
 def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, always_keep):
     batch, n = obj_scores.shape
-    out = torch.empty(batch, keep, device=obj_scores.device, dtype=torch.int64)
+    out = new_output((batch, keep), torch.int64, obj_scores.device)
     always = (always_keep if always_keep is not None else torch.empty(0, dtype=torch.int64)).to(
         device=obj_scores.device, dtype=torch.int64).contiguous()
     block = max(16, triton.next_power_of_2(n))
@@ -143,7 +145,7 @@ def prune_tokens_fwd(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (batch, N, C), any strides; index (batch, keep) in [0, N) -> (batch, keep, C) contiguous."""
     batch, _, channels = x.shape
     keep = index.shape[1]
-    out = torch.empty(batch, keep, channels, device=x.device, dtype=x.dtype)
+    out = new_output((batch, keep, channels), x.dtype, x.device)
     if out.numel():
         grid, meta = _row_launch(batch * keep, channels)
         _gather_rows_kernel[grid](x, index.contiguous(), out, keep, channels, *x.stride(), **meta)
