@@ -257,6 +257,14 @@ def test_emulated_cuda_attention_matches_reference(dtype, case):
     check_attention_backend("cuda", torch.device("cpu"), dtype, case)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_attention_batch_heads_over_the_grid_limit(backend):
+    """batch·heads = 65600 programs on the grid's second axis, over CUDA's 65535: the Triton kernels launch
+    per slice of the batch (the CUDA forward's grid is 1-D)."""
+    check_attention_backend(backend, torch.device("cuda"), torch.float16, (4100, 9, 9, 16, 16, 16, True))
+
+
 GPU_CASES = [(2, 1, 1, 4, 4, 64, False), (2, 17, 17, 4, 2, 40, True), (1, 128, 128, 8, 1, 128, True),
              (2, 1000, 1000, 4, 4, 64, False), (1, 1000, 777, 8, 8, 256, True), (1, 300, 1000, 8, 2, 16, True),
              (1, 512, 512, 4, 4, 96, False)]

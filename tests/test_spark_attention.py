@@ -258,6 +258,12 @@ def test_triton_in_batch_slices(triton_device, small_grid):
     check_spark_backend(triton_device, torch.float16, (3, 17, 17, 2, 16, 4, 5, True))
 
 
+@pytest.mark.gpu
+def test_gpu_batch_heads_over_the_grid_limit():
+    """batch·heads = 65600 programs on the grid's second axis, over CUDA's 65535: launched per batch slice."""
+    check_spark_backend(torch.device("cuda"), torch.float16, (4100, 17, 17, 16, 16, 4, 5, True))
+
+
 def cold_block_inputs(device, seqlen, cold, r, head_dim=16, heads=2):
     """Inputs in which no query keeps any key of `cold` (a range of whole key tiles): all q[:, :, :, 0] are
     large and positive, those keys' k[..., 0] large and negative, so their s1 lies far below every θ."""
