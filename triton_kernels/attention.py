@@ -32,6 +32,14 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _batch_head(heads):
+    """(bh, b, h) of a program whose grid axis 1 runs over batch·heads; b is int64, since batch offsets
+    b·stride can pass 2³¹ elements."""
+    bh = tl.program_id(1)
+    return bh, (bh // heads).to(tl.int64), bh % heads
+
+
+@triton.jit
 def _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
     ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
     if CAUSAL:
@@ -105,9 +113,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
+    bh, b, h = _batch_head(heads)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -182,9 +188,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // kv_heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    hk = bhk % kv_heads
+    bhk, b, hk = _batch_head(kv_heads)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
@@ -235,9 +239,7 @@ def _attn_bwd_delta_kernel(
     """Δ_i = rowsum(dO_i ⊙ o_i) in fp32, (B, H, S_q): the backward's preprocessing, read from o and dO as
     stored (last dimension contiguous), without fp32 copies of either."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
+    bh, b, h = _batch_head(heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     inside = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
@@ -271,9 +273,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
+    bh, b, h = _batch_head(heads)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -327,9 +327,7 @@ def _attn_received_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
+    bh, b, h = _batch_head(heads)
     hk = h // group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -420,8 +418,8 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     vv, oo = (v, out) if need_out else (k, q)  # placeholders when only lse is wanted (HAS_V = False)
 
     def run(t):
-        for s in _grid.batch_slices(batch, heads):
-            _attn_fwd_kernel[(triton.cdiv(seqlen_q, t.block_m), (s.stop - s.start) * heads)](
+        for s, programs in _grid.batch_slices(batch, heads):
+            _attn_fwd_kernel[(triton.cdiv(seqlen_q, t.block_m), programs)](
                 q[s], k[s], vv[s], oo[s], lse[s], *_strides(q), *_strides(k), *_strides(vv), *_strides(oo),
                 seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
                 CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
@@ -439,8 +437,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     delta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     delta_rows = max(16, 4096 // _block_d(head_dim))   # 4096-element tiles: 32 per thread and operand
-    for s in _grid.batch_slices(batch, heads):
-        _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_rows), (s.stop - s.start) * heads)](
+    for s, programs in _grid.batch_slices(batch, heads):
+        _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_rows), programs)](
             out[s], dout[s], delta[s], *_strides(out), *_strides(dout), seqlen_q, heads, head_dim,
             BLOCK_M=delta_rows, BLOCK_D=_block_d(head_dim), num_warps=4)
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
@@ -448,8 +446,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     group = heads // kv_heads
 
     def run_dkdv(t):
-        for s in _grid.batch_slices(batch, kv_heads):
-            _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, t.block_n), (s.stop - s.start) * kv_heads)](
+        for s, programs in _grid.batch_slices(batch, kv_heads):
+            _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, t.block_n), programs)](
                 q[s], k[s], v[s], dout[s], lse[s], delta[s], dk[s], dv[s],
                 *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
                 seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, scale * LOG2E,
@@ -458,8 +456,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
             )
 
     def run_dq(t):
-        for s in _grid.batch_slices(batch, heads):
-            _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, t.block_m), (s.stop - s.start) * heads)](
+        for s, programs in _grid.batch_slices(batch, heads):
+            _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, t.block_m), programs)](
                 q[s], k[s], v[s], dout[s], lse[s], delta[s], dq[s],
                 *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
                 seqlen_q, seqlen_k, heads, group, head_dim, scale, scale * LOG2E,
@@ -481,8 +479,8 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
     weight = None if query_weight is None else query_weight.to(torch.float32).contiguous()
 
     def run(t):
-        for s in _grid.batch_slices(batch, heads):
-            _attn_received_kernel[(triton.cdiv(seqlen_k, t.block_n), (s.stop - s.start) * heads)](
+        for s, programs in _grid.batch_slices(batch, heads):
+            _attn_received_kernel[(triton.cdiv(seqlen_k, t.block_n), programs)](
                 q[s], k[s], lse[s], weight if weight is not None else lse, received[s], *_strides(q), *_strides(k),
                 seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
                 CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32, SPLIT=_split(q),

@@ -21,6 +21,14 @@ from .._alloc import new_output, new_output_like
 
 
 @triton.jit
+def _sample_start(dim, L):
+    """Offset of this program's sample (grid axis 0), b·dim·L, in int64: it can pass 2³¹ elements. Kernels
+    add it to their base pointers once; within a sample d·L + position stays int32, since vectors of int64
+    offsets cost registers these tiles need."""
+    return tl.program_id(0).to(tl.int64) * dim * L
+
+
+@triton.jit
 def _conv_pre(X, W, BIAS, d, d_ok, t, dim, L, ORDER, frames, gh, gw, K: tl.constexpr, HAS_BIAS: tl.constexpr,
               KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -44,9 +52,7 @@ def _conv_fwd_kernel(X, W, BIAS, OUT, ORDER, dim, L, frames, gh, gw,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    # the sample's offset b·dim·L can pass 2³¹ elements: int64, added to the base pointers once; within a
-    # sample d·L + position stays int32 (vectors of int64 offsets cost the registers these tiles need)
-    start = tl.program_id(0).to(tl.int64) * dim * L
+    start = _sample_start(dim, L)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     d_ok = d < dim
@@ -68,9 +74,7 @@ def _conv_grad_pre_kernel(X, W, BIAS, DOUT, G, ORDER, dim, L, frames, gh, gw,
                           KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """g = dout·silu'(pre), written in raster layout (float32)."""
-    # the sample's offset b·dim·L can pass 2³¹ elements: int64, added to the base pointers once; within a
-    # sample d·L + position stays int32 (vectors of int64 offsets cost the registers these tiles need)
-    start = tl.program_id(0).to(tl.int64) * dim * L
+    start = _sample_start(dim, L)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     d_ok = d < dim
@@ -89,9 +93,7 @@ def _conv_bwd_kernel(X, W, G, DX, DW, DBIAS, ORDER, dim, L, frames, gh, gw,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr,
                      KIND: tl.constexpr, PATH: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    # the sample's offset b·dim·L can pass 2³¹ elements: int64, added to the base pointers once; within a
-    # sample d·L + position stays int32 (vectors of int64 offsets cost the registers these tiles need)
-    start = tl.program_id(0).to(tl.int64) * dim * L
+    start = _sample_start(dim, L)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     d_ok = d < dim

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from .._alloc import new_output, new_output_like
 from . import _grid
-from .attention import _attn_bwd_delta_kernel, _dot, _visible  # flash attention's causal mask and Δ
+from .attention import _attn_bwd_delta_kernel, _batch_head, _dot, _visible  # flash attention's mask, Δ
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global, so jit code may read it
 
@@ -111,9 +111,7 @@ def _stats_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
+    bh, b, h = _batch_head(heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     k_base = K + b * sk_b + h * sk_h
@@ -156,9 +154,7 @@ def _fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
+    bh, b, h = _batch_head(heads)
     rest = head_dim - r
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -224,9 +220,7 @@ def _bwd_dkdv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
+    bh, b, h = _batch_head(heads)
     rest = head_dim - r
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -280,9 +274,7 @@ def _bwd_dq_kernel(
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)  # batch offsets b·stride can pass 2³¹ elements
-    h = bh % heads
+    bh, b, h = _batch_head(heads)
     rest = head_dim - r
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -377,8 +369,8 @@ def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool):
     kept = new_output((batch, heads, seqlen_q), torch.int64, q.device)
     out = new_output_like(q)
     z = quantile_z(seqlen_q, seqlen_k, top_k, causal, q.device)
-    for s in _grid.batch_slices(batch, heads):
-        grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), (s.stop - s.start) * heads)
+    for s, programs in _grid.batch_slices(batch, heads):
+        grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), programs)
         _stats_kernel[grid](
             q[s], k[s], z, theta[s], *_strides(q), *_strides(k), seqlen_q, seqlen_k, heads, r, scale1,
             CAUSAL=causal, IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
@@ -402,13 +394,13 @@ def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool):
     scale1, scale2 = r ** -0.5, (head_dim - r) ** -0.5
     delta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
-    for s in _grid.batch_slices(batch, heads):
-        q_grid = (triton.cdiv(seqlen_q, q_cfg["BLOCK_M"]), (s.stop - s.start) * heads)
+    for s, programs in _grid.batch_slices(batch, heads):
+        q_grid = (triton.cdiv(seqlen_q, q_cfg["BLOCK_M"]), programs)
         _attn_bwd_delta_kernel[q_grid](
             out[s], dout[s], delta[s], *_strides(out), *_strides(dout), seqlen_q, heads, head_dim,
             BLOCK_M=q_cfg["BLOCK_M"], BLOCK_D=q_cfg["BLOCK_D"], num_warps=4,
         )
-        _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, kv_cfg["BLOCK_N"]), (s.stop - s.start) * heads)](
+        _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, kv_cfg["BLOCK_N"]), programs)](
             q[s], k[s], v[s], dout[s], theta[s], lse[s], delta[s], dk[s], dv[s],
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
             seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **kv_cfg,

@@ -17,6 +17,7 @@ xformers' ``not_supported_reasons``, so "why did auto not pick the GPU kernel" a
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -103,6 +104,15 @@ def unavailable_reason(op: str, backend: str, device: torch.device, dtype: torch
             names = ", ".join(str(d).replace("torch.", "") for d in supported)
             reason = f"the {backend} backend of {op} supports {names}, not {str(dtype).replace('torch.', '')}"
     return reason
+
+
+_KERNEL_PACKAGES = {"triton": "triton_kernels", "cuda": "cuda_ops"}
+
+
+def kernels(backend: str, module: str):
+    """The module of `module`'s kernels for a kernel backend (zigspark.triton_kernels.<module> or
+    zigspark.cuda_ops.<module>), imported on first use, so that zigspark imports without triton."""
+    return importlib.import_module(f"{__package__}.{_KERNEL_PACKAGES[backend]}.{module}")
 
 
 def auto_table() -> dict:

@@ -28,11 +28,7 @@ backends.register_op("causal_conv1d", {"reference": _DTYPES, "triton": _DTYPES[:
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton_kernels import causal_conv1d as kernels
-    else:
-        from ..cuda_ops import causal_conv1d as kernels
-    return kernels
+    return backends.kernels(backend, "causal_conv1d")
 
 
 @torch.library.custom_op("zigspark::causal_conv1d_fwd", mutates_args=())

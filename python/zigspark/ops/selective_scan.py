@@ -30,11 +30,7 @@ backends.register_op("selective_scan", {"reference": _IO_DTYPES, "triton": _KERN
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton_kernels import selective_scan as kernels
-    else:
-        from ..cuda_ops import selective_scan as kernels
-    return kernels
+    return backends.kernels(backend, "selective_scan")
 
 
 def order_arguments(order, length: int, device: torch.device):

@@ -67,11 +67,7 @@ def _stat_outputs(x: torch.Tensor, need_mask: bool):
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton_kernels import stat_topk as kernels
-    else:
-        from ..cuda_ops import stat_topk as kernels
-    return kernels
+    return backends.kernels(backend, "stat_topk")
 
 
 @torch.library.custom_op("zigspark::stat_topk_fwd", mutates_args=())

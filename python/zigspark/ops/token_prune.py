@@ -157,19 +157,11 @@ def _(obj_scores, deep_scores, h, w, keep, n_anchor, wrap_rows, always, backend)
     return obj_scores.new_empty((obj_scores.shape[0], keep), dtype=torch.int64)
 
 
-def _gather_kernels(backend: str):
-    if backend == "triton":
-        from ..triton_kernels import token_prune as kernels
-    else:
-        from ..cuda_ops import token_prune as kernels
-    return kernels
-
-
 @torch.library.custom_op("zigspark::prune_tokens_fwd", mutates_args=())
 def prune_tokens_fwd(x: torch.Tensor, keep_idx: torch.Tensor, backend: str) -> torch.Tensor:
     """(batch, N, C), (batch, keep) int64 -> (batch, keep, C): out[b, j] = x[b, keep_idx[b, j]]."""
     if backend != "reference":
-        return _gather_kernels(backend).prune_tokens_fwd(x, keep_idx)
+        return backends.kernels(backend, "token_prune").prune_tokens_fwd(x, keep_idx)
     # whole rows by index_select on (batch·N, C): 6x faster on CPU than torch.gather's element-wise index
     batch, tokens, channels = x.shape
     rows = (keep_idx + torch.arange(batch, device=x.device)[:, None] * tokens).reshape(-1)
@@ -185,7 +177,7 @@ def _(x, keep_idx, backend):
 def prune_tokens_bwd(grad_out: torch.Tensor, keep_idx: torch.Tensor, tokens: int, backend: str) -> torch.Tensor:
     """grad_x (batch, tokens, C): the kept rows' gradients added back at their indices, zeros elsewhere."""
     if backend != "reference":
-        return _gather_kernels(backend).prune_tokens_bwd(grad_out, keep_idx, tokens, unique=False)
+        return backends.kernels(backend, "token_prune").prune_tokens_bwd(grad_out, keep_idx, tokens, unique=False)
     grad_x = grad_out.new_zeros((grad_out.shape[0], tokens, grad_out.shape[2]))
     return grad_x.scatter_add_(1, keep_idx[..., None].expand(-1, -1, grad_out.shape[2]), grad_out)
 
