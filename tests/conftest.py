@@ -71,11 +71,20 @@ def triton_device():
 
 @pytest.fixture
 def small_grid(monkeypatch):
-    """A grid axis of 2 programs instead of CUDA's 65535, so that tiny shapes launch the attention kernels in
+    """A grid axis of 4 programs instead of CUDA's 65535, so that tiny shapes launch the attention kernels in
     slices of the batch as a batch·heads over 65535 would."""
     from zigspark.triton_kernels import _grid
 
-    monkeypatch.setattr(_grid, "GRID_Y_MAX", 2)
+    monkeypatch.setattr(_grid, "GRID_Y_MAX", 4)
+
+
+@pytest.fixture
+def wide_rows(monkeypatch):
+    """The attention kernels' int64 row addressing (WIDE), used from 2³¹ elements per sample on, turned on
+    for every size, so that tiny shapes run it."""
+    from zigspark.triton_kernels import attention
+
+    monkeypatch.setattr(attention, "WIDE_FROM", 0)
 
 
 @pytest.fixture(scope="module")

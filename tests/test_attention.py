@@ -174,14 +174,29 @@ def test_bad_inputs():
             zigspark.flash_attention(q, k, v, backend="cuda")
 
 
+@cpu
+def test_grid_slices_and_their_limit():
+    """The Triton launchers' batch slices cover the batch once, each within the grid axis; one sample with
+    more heads than the axis holds is refused by name rather than failing inside the launch."""
+    from zigspark.triton_kernels import _grid
+
+    slices = _grid.batch_slices(10, 16000)
+    assert [(s.start, s.stop) for s, _ in slices] == [(0, 4), (4, 8), (8, 10)]
+    assert [programs for _, programs in slices] == [64000, 64000, 32000]
+    with pytest.raises(ValueError, match="70000 heads"):
+        _grid.batch_slices(1, 70000)
+
+
 # ---- kernels ---------------------------------------------------------------------------------------------
 
-def check_attention_backend(backend, device, dtype, case, rel_floor=1e-4):
+def check_attention_backend(backend, device, dtype, case, rel_floor=1e-4, exact=torch.float64):
+    """`backend` in `dtype` against the reference in `exact` (float64, or float32 where float64 copies would
+    not fit) by the numerics rule: out, lse, received (from the forward and alone), dq, dk, dv."""
     b, sq, sk, h, hk, d, causal = case
     torch.manual_seed(sq * 131 + sk)
-    q64, k64, v64 = (torch.randn(b, s, n, d, dtype=torch.float64, device=device)
+    q64, k64, v64 = (torch.randn(b, s, n, d, dtype=exact, device=device)
                      for s, n in ((sq, h), (sk, hk), (sk, hk)))
-    g64 = torch.randn(b, sq, h, d, dtype=torch.float64, device=device)
+    g64 = torch.randn(b, sq, h, d, dtype=exact, device=device)
     exclude = [0] if sq > 1 else None
 
     def run(dt, which):
@@ -195,7 +210,7 @@ def check_attention_backend(backend, device, dtype, case, rel_floor=1e-4):
                                             backend="auto" if which == "cuda" else which)
         return [out.detach(), lse, received, alone, *grads]
 
-    kernel, ref64, reflow = run(dtype, backend), run(torch.float64, "reference"), run(dtype, "reference")
+    kernel, ref64, reflow = run(dtype, backend), run(exact, "reference"), run(dtype, "reference")
     assert torch.equal(torch.isinf(kernel[1]), torch.isinf(ref64[1])), "queries without keys differ"
     for result in (kernel, ref64, reflow):
         result[1] = finite(result[1])
@@ -221,6 +236,14 @@ def test_triton_attention_matches_reference(triton_device, dtype, case):
 def test_triton_attention_in_batch_slices(triton_device, small_grid, case):
     """batch·heads over the grid limit: every kernel runs once per slice of the batch (two programs per
     launch here), and the results are still the reference's."""
+    check_attention_backend("triton", triton_device, torch.float16, case)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", [(2, 70, 80, 2, 1, 16, True), (1, 67, 130, 2, 2, 40, False)], ids=str)
+def test_triton_attention_wide_rows(triton_device, wide_rows, case):
+    """The int64 row addressing that samples of 2³¹ elements or more take gives the reference's results
+    (over 64 rows, so that blocks start past row 0)."""
     check_attention_backend("triton", triton_device, torch.float16, case)
 
 
@@ -263,6 +286,21 @@ def test_gpu_attention_batch_heads_over_the_grid_limit(backend):
     """batch·heads = 65600 programs on the grid's second axis, over CUDA's 65535: the Triton kernels launch
     per slice of the batch (the CUDA forward's grid is 1-D)."""
     check_attention_backend(backend, torch.device("cuda"), torch.float16, (4100, 9, 9, 16, 16, 16, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("long_side", ["queries", "keys"])
+def test_gpu_attention_rows_past_2_31_within_a_head(backend, long_side):
+    """One sample whose q (or k and v) holds more than 2³¹ elements: 2²⁰ + 300 rows at H·D = 2048, so the
+    row offsets inside a head pass int32 in the last tiles. The other side is short, so the reference fits;
+    it runs in float32, since a float64 copy of a long tensor alone takes 17 GB."""
+    heads, head_dim = 64, 32
+    long = (1 << 31) // (heads * head_dim) + 300
+    sq, sk = (long, 8) if long_side == "queries" else (4, long)
+    check_attention_backend(backend, torch.device("cuda"), torch.float16, (1, sq, sk, heads, heads, head_dim, False),
+                            exact=torch.float32)
+    torch.cuda.empty_cache()
 
 
 GPU_CASES = [(2, 1, 1, 4, 4, 64, False), (2, 17, 17, 4, 2, 40, True), (1, 128, 128, 8, 1, 128, True),

@@ -152,3 +152,28 @@ def test_triton_kernels_compile_for_hopper(op, capsys):
     assert not too_big, "more shared memory than a Hopper block has:\n" + "\n".join(too_big)
     spilling = [str(c) for c in compiled if c.spill_bytes > SPILL_LIMIT]
     assert not spilling, f"spills over {SPILL_LIMIT} B per thread:\n" + "\n".join(spilling)
+
+
+def test_wide_row_attention_compiles_for_hopper(monkeypatch, capsys):
+    """The int64 row addressing (WIDE) that samples of 2³¹ elements or more take compiles for sm_90a, for
+    flash attention and Spark attention at one fp16 size. Its spills are printed, not limited: it is the
+    rare path, and some dK/dV tiles spill with it (up to 184 B at head_dim 40) where the ordinary path
+    does not."""
+    from zigspark.triton_kernels import attention
+
+    monkeypatch.setattr(attention, "WIDE_FROM", 0)
+    with aot.compiling() as record:
+        q, k, v = _grad(*(torch.randn(1, 1024, 4, 64, dtype=torch.float16) for _ in range(3)))
+        zigspark.flash_attention(q, k, v, causal=True, backend="triton").sum().backward()
+        zigspark.attention_received(q, k, causal=True, backend="triton")
+        zigspark.spark_attention(q, k, v, top_k=256, causal=True, backend="triton").sum().backward()
+    compiled = sorted(record.compiled.values(), key=str)
+    with capsys.disabled():
+        print(f"\nwide rows: {len(compiled)} compiles for sm_90a")
+        for c in compiled:
+            if c.spill_bytes:
+                print(f"  spills: {c}")
+    assert not record.failed, "\n".join(record.failed.values())
+    assert compiled and all("WIDE=True" in c.config for c in compiled), [str(c) for c in compiled]
+    too_big = [str(c) for c in compiled if c.shared_bytes > aot.HOPPER_SHARED_BYTES]
+    assert not too_big, "more shared memory than a Hopper block has:\n" + "\n".join(too_big)

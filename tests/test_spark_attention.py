@@ -258,6 +258,13 @@ def test_triton_in_batch_slices(triton_device, small_grid):
     check_spark_backend(triton_device, torch.float16, (3, 17, 17, 2, 16, 4, 5, True))
 
 
+@pytest.mark.interpret
+def test_triton_wide_rows(triton_device, wide_rows, small_tiles):
+    """The int64 row addressing of samples with 2³¹ elements or more gives the reference's results (16-row
+    tiles, so that blocks start past row 0)."""
+    check_spark_backend(triton_device, torch.float16, (2, 17, 17, 2, 16, 4, 5, True))
+
+
 @pytest.mark.gpu
 def test_gpu_batch_heads_over_the_grid_limit():
     """batch·heads = 65600 programs on the grid's second axis, over CUDA's 65535: launched per batch slice."""

@@ -14,6 +14,9 @@ GRID_Y_MAX = 65535
 def batch_slices(batch: int, per_sample: int) -> list[tuple[slice, int]]:
     """(slice of range(batch), its programs on grid axis 1): at most GRID_Y_MAX // per_sample samples a
     slice, one slice when the batch fits."""
-    step = max(1, GRID_Y_MAX // max(1, per_sample))
+    if per_sample > GRID_Y_MAX:
+        raise ValueError(f"{per_sample} heads is more than the {GRID_Y_MAX} the Triton kernels can launch for one "
+                         "sample; use fewer heads (or backend='reference')")
+    step = GRID_Y_MAX // max(1, per_sample)
     return [(slice(start, min(batch, start + step)), (min(batch, start + step) - start) * per_sample)
             for start in range(0, max(batch, 1), step)]

@@ -32,11 +32,26 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _batch_head(heads):
-    """(bh, b, h) of a program whose grid axis 1 runs over batch·heads; b is int64, since batch offsets
-    b·stride can pass 2³¹ elements."""
+def _batch_head(heads, WIDE: tl.constexpr):
+    """(bh, b, h) of a program whose grid axis 1 runs over batch·heads. bh and b are int64: bh·S and
+    b·stride can pass 2³¹ elements; h is too when WIDE (a head-major view's head stride is S·D)."""
     bh = tl.program_id(1)
-    return bh, (bh // heads).to(tl.int64), bh % heads
+    h = bh % heads
+    if WIDE:
+        h = h.to(tl.int64)
+    return bh.to(tl.int64), (bh // heads).to(tl.int64), h
+
+
+@triton.jit
+def _rows(head, row0, offs, stride, WIDE: tl.constexpr):
+    """Pointers to the rows `offs` = row0 + 0..BLOCK−1 of one head. WIDE when one sample's rows span 2³¹
+    elements or more (S·H·D: S = 1M at H·D = 2048): the block's first row is then reached in int64 and only
+    the offsets inside the block stay int32. Otherwise all of it is int32, as the int64 form costs
+    registers: ptxas spills up to 184 B per thread with it in the dK/dV kernel (sm_90a), none without."""
+    if WIDE:
+        return head + tl.cast(row0, tl.int64) * stride + (offs - row0) * stride
+    else:
+        return head + offs * stride
 
 
 @triton.jit
@@ -83,13 +98,14 @@ def _dot(a, b, IEEE: tl.constexpr):
 def _fwd_tile(q, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, m_i, l_i, acc,
               seqlen_q, seqlen_k, qk_scale_log2,
               CAUSAL: tl.constexpr, HAS_V: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
     """One key tile of the online softmax; MASKED applies the bounds and the causal mask."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_ok = d_ok[None, :]
     if MASKED:
         kv_ok = kv_ok & (offs_n[:, None] < seqlen_k)
-    kt = tl.load(K_head + offs_n[None, :] * sk_s + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
+    kt = tl.load(_rows(K_head, start_n, offs_n, sk_s, WIDE)[None, :] + offs_d[:, None], mask=tl.trans(kv_ok),
+                 other=0.0)
     s = _dot(q, kt, IEEE) * qk_scale_log2
     if MASKED:
         s = tl.where(_visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL), s, float("-inf"))
@@ -99,7 +115,7 @@ def _fwd_tile(q, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, m_i,
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if HAS_V:
-        v = tl.load(V_head + offs_n[:, None] * sv_s + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(_rows(V_head, start_n, offs_n, sv_s, WIDE)[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i, acc
 
@@ -110,16 +126,18 @@ def _attn_fwd_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale_log2,
     CAUSAL: tl.constexpr, HAS_V: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh, b, h = _batch_head(heads)
+    bh, b, h = _batch_head(heads, WIDE)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     m_ok = offs_m < seqlen_q
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
+    m0 = pid_m * BLOCK_M
+    q = tl.load(_rows(Q + b * sq_b + h * sq_h, m0, offs_m, sq_s, WIDE)[:, None] + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     K_head = K + b * sk_b + hk * sk_h
     V_head = V + b * sv_b + hk * sv_h
@@ -134,17 +152,17 @@ def _attn_fwd_kernel(
         full_end = _full_key_end(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(q, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, m_i, l_i,
-                                      acc, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_V, IEEE, False, BLOCK_N)
+                                      acc, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_V, IEEE, False, BLOCK_N, WIDE)
     for start_n in range(full_end, end_n, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, m_i, l_i, acc,
-                                  seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_V, IEEE, True, BLOCK_N)
+                                  seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_V, IEEE, True, BLOCK_N, WIDE)
     has_key = l_i > 0.0
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=m_ok)
     if HAS_V:
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-        tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(_rows(O + b * so_b + h * so_h, m0, offs_m, so_s, WIDE)[:, None] + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -163,12 +181,13 @@ def _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2,
 @triton.jit
 def _dkdv_tile(Q_head, DO_head, LSE_head, DELTA_head, sq_s, sdo_s, m0, kt, vt, offs_n, offs_d, d_ok, dk, dv,
                seqlen_q, seqlen_k, qk_scale_log2,
-               CAUSAL: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+               CAUSAL: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+               WIDE: tl.constexpr):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < seqlen_q
     md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q_head + offs_m[:, None] * sq_s + offs_d[None, :], mask=md_mask, other=0.0)
-    do = tl.load(DO_head + offs_m[:, None] * sdo_s + offs_d[None, :], mask=md_mask, other=0.0)
+    q = tl.load(_rows(Q_head, m0, offs_m, sq_s, WIDE)[:, None] + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(_rows(DO_head, m0, offs_m, sdo_s, WIDE)[:, None] + offs_d[None, :], mask=md_mask, other=0.0)
     lse = tl.load(LSE_head + offs_m, mask=m_ok, other=float("-inf"))
     delta = tl.load(DELTA_head + offs_m, mask=m_ok, other=0.0)
     p = _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, MASKED)
@@ -185,17 +204,21 @@ def _attn_bwd_dkdv_kernel(
     sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
     seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, qk_scale_log2,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bhk, b, hk = _batch_head(kv_heads)
+    bhk, b, hk = _batch_head(kv_heads, WIDE)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     n_ok = offs_n < seqlen_k
     nd_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_s + offs_d[None, :], mask=nd_mask, other=0.0)
-    v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_s + offs_d[None, :], mask=nd_mask, other=0.0)
+    n0 = pid_n * BLOCK_N
+    k = tl.load(_rows(K + b * sk_b + hk * sk_h, n0, offs_n, sk_s, WIDE)[:, None] + offs_d[None, :], mask=nd_mask,
+                other=0.0)
+    v = tl.load(_rows(V + b * sv_b + hk * sv_h, n0, offs_n, sv_s, WIDE)[:, None] + offs_d[None, :], mask=nd_mask,
+                other=0.0)
     kt = tl.trans(k)
     vt = tl.trans(v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -215,7 +238,7 @@ def _attn_bwd_dkdv_kernel(
         m0 = start_m + (it % n_masked) * BLOCK_M
         dk, dv = _dkdv_tile(Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h, LSE + (b * heads + h) * seqlen_q,
                             DELTA + (b * heads + h) * seqlen_q, sq_s, sdo_s, m0, kt, vt, offs_n, offs_d, d_ok, dk, dv,
-                            seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, True, BLOCK_M)
+                            seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, True, BLOCK_M, WIDE)
     if SPLIT:
         n_full = tl.cdiv(seqlen_q - full_start, BLOCK_M)
         for it in range(0, group * n_full):
@@ -224,27 +247,31 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _dkdv_tile(Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h,
                                 LSE + (b * heads + h) * seqlen_q, DELTA + (b * heads + h) * seqlen_q, sq_s, sdo_s, m0,
                                 kt, vt, offs_n, offs_d, d_ok, dk, dv, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL,
-                                IEEE, False, BLOCK_M)
-    tl.store(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_s + offs_d[None, :],
+                                IEEE, False, BLOCK_M, WIDE)
+    tl.store(_rows(DK + b * sdk_b + hk * sdk_h, n0, offs_n, sdk_s, WIDE)[:, None] + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=nd_mask)
+    tl.store(_rows(DV + b * sdv_b + hk * sdv_h, n0, offs_n, sdv_s, WIDE)[:, None] + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
     O, DO, DELTA, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, seqlen_q, heads, head_dim,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Δ_i = rowsum(dO_i ⊙ o_i) in fp32, (B, H, S_q): the backward's preprocessing, read from o and dO as
     stored (last dimension contiguous), without fp32 copies of either."""
     pid_m = tl.program_id(0)
-    bh, b, h = _batch_head(heads)
+    bh, b, h = _batch_head(heads, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     inside = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
-    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], mask=inside, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=inside, other=0.0)
+    m0 = pid_m * BLOCK_M
+    o = tl.load(_rows(O + b * so_b + h * so_h, m0, offs_m, so_s, WIDE)[:, None] + offs_d[None, :], mask=inside,
+                other=0.0)
+    do = tl.load(_rows(DO + b * sdo_b + h * sdo_h, m0, offs_m, sdo_s, WIDE)[:, None] + offs_d[None, :], mask=inside,
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
@@ -252,13 +279,13 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _dq_tile(q, do, lse, delta, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, dq,
              seqlen_q, seqlen_k, qk_scale_log2,
-             CAUSAL: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+             CAUSAL: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     nd_mask = d_ok[None, :]
     if MASKED:
         nd_mask = nd_mask & (offs_n[:, None] < seqlen_k)
-    k = tl.load(K_head + offs_n[:, None] * sk_s + offs_d[None, :], mask=nd_mask, other=0.0)
-    v = tl.load(V_head + offs_n[:, None] * sv_s + offs_d[None, :], mask=nd_mask, other=0.0)
+    k = tl.load(_rows(K_head, start_n, offs_n, sk_s, WIDE)[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(_rows(V_head, start_n, offs_n, sv_s, WIDE)[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
     p = _probs(q, tl.trans(k), lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, MASKED)
     ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
     return dq + _dot(ds.to(k.dtype), k, IEEE)
@@ -270,18 +297,22 @@ def _attn_bwd_dq_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
     seqlen_q, seqlen_k, heads, group, head_dim, scale, qk_scale_log2,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh, b, h = _batch_head(heads)
+    bh, b, h = _batch_head(heads, WIDE)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     m_ok = offs_m < seqlen_q
     md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=md_mask, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=md_mask, other=0.0)
+    m0 = pid_m * BLOCK_M
+    q = tl.load(_rows(Q + b * sq_b + h * sq_h, m0, offs_m, sq_s, WIDE)[:, None] + offs_d[None, :], mask=md_mask,
+                other=0.0)
+    do = tl.load(_rows(DO + b * sdo_b + h * sdo_h, m0, offs_m, sdo_s, WIDE)[:, None] + offs_d[None, :],
+                 mask=md_mask, other=0.0)
     lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=float("-inf"))
     delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
     K_head = K + b * sk_b + hk * sk_h
@@ -295,11 +326,11 @@ def _attn_bwd_dq_kernel(
         full_end = _full_key_end(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, dq,
-                          seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, False, BLOCK_N)
+                          seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, False, BLOCK_N, WIDE)
     for start_n in range(full_end, end_n, BLOCK_N):
         dq = _dq_tile(q, do, lse, delta, K_head, V_head, sk_s, sv_s, start_n, offs_m, offs_d, d_ok, dq,
-                      seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, True, BLOCK_N)
-    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :],
+                      seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, True, BLOCK_N, WIDE)
+    tl.store(_rows(DQ + b * sdq_b + h * sdq_h, m0, offs_m, sdq_s, WIDE)[:, None] + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
@@ -307,10 +338,11 @@ def _attn_bwd_dq_kernel(
 def _received_tile(Q_head, LSE_head, WEIGHT, sq_s, m0, kt, offs_n, offs_d, d_ok, received,
                    seqlen_q, seqlen_k, qk_scale_log2,
                    CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
+                   BLOCK_M: tl.constexpr, WIDE: tl.constexpr):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < seqlen_q
-    q = tl.load(Q_head + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(_rows(Q_head, m0, offs_m, sq_s, WIDE)[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)
     lse = tl.load(LSE_head + offs_m, mask=m_ok, other=float("-inf"))
     p = _probs(q, kt, lse, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, IEEE, MASKED)
     if HAS_WEIGHT:
@@ -324,15 +356,16 @@ def _attn_received_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale_log2,
     CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh, b, h = _batch_head(heads)
+    bh, b, h = _batch_head(heads, WIDE)
     hk = h // group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    kt = tl.load(K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_s + offs_d[:, None],
+    kt = tl.load(_rows(K + b * sk_b + hk * sk_h, pid_n * BLOCK_N, offs_n, sk_s, WIDE)[None, :] + offs_d[:, None],
                  mask=(offs_n[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
     Q_head = Q + b * sq_b + h * sq_h
     LSE_head = LSE + bh * seqlen_q
@@ -345,11 +378,11 @@ def _attn_received_kernel(
         full_start = _full_query_start(pid_n, start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     for m0 in range(start_m, tl.minimum(full_start, seqlen_q), BLOCK_M):
         received = _received_tile(Q_head, LSE_head, WEIGHT, sq_s, m0, kt, offs_n, offs_d, d_ok, received,
-                                  seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_WEIGHT, IEEE, True, BLOCK_M)
+                                  seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_WEIGHT, IEEE, True, BLOCK_M, WIDE)
     if SPLIT:
         for m0 in range(full_start, seqlen_q, BLOCK_M):
             received = _received_tile(Q_head, LSE_head, WEIGHT, sq_s, m0, kt, offs_n, offs_d, d_ok, received,
-                                      seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_WEIGHT, IEEE, False, BLOCK_M)
+                                      seqlen_q, seqlen_k, qk_scale_log2, CAUSAL, HAS_WEIGHT, IEEE, False, BLOCK_M, WIDE)
     tl.store(R + bh * seqlen_k + offs_n, received, mask=offs_n < seqlen_k)
 
 
@@ -409,6 +442,16 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+# Element offset within one sample from which the kernels address rows in int64 (WIDE); tests lower it.
+WIDE_FROM = 1 << 31
+
+
+def wide(*tensors) -> bool:
+    """Whether any (batch, seq, heads, dim) tensor spans WIDE_FROM elements or more within one sample."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) + 1 >= WIDE_FROM
+               for t in tensors if t is not None)
+
+
 def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     """-> (out (B, S_q, H, D) or None, lse (B, H, S_q) float32). Last dims contiguous."""
     batch, seqlen_q, heads, head_dim = q.shape
@@ -417,12 +460,14 @@ def attention_fwd(q, k, v, causal: bool, scale: float, need_out: bool = True):
     out = new_output_like(q) if need_out else None
     vv, oo = (v, out) if need_out else (k, q)  # placeholders when only lse is wanted (HAS_V = False)
 
+    long_rows = wide(q, k, v, out)
+
     def run(t):
         for s, programs in _grid.batch_slices(batch, heads):
             _attn_fwd_kernel[(triton.cdiv(seqlen_q, t.block_m), programs)](
                 q[s], k[s], vv[s], oo[s], lse[s], *_strides(q), *_strides(k), *_strides(vv), *_strides(oo),
                 seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
-                CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
+                CAUSAL=causal, HAS_V=need_out, IEEE=q.dtype == torch.float32, SPLIT=_split(q), WIDE=long_rows,
                 BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
                 num_warps=t.num_warps, num_stages=t.num_stages,
             )
@@ -437,11 +482,12 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     delta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     delta_rows = max(16, 4096 // _block_d(head_dim))   # 4096-element tiles: 32 per thread and operand
+    dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
+    long_rows = wide(q, k, v, out, dout, dq, dk, dv)
     for s, programs in _grid.batch_slices(batch, heads):
         _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_rows), programs)](
             out[s], dout[s], delta[s], *_strides(out), *_strides(dout), seqlen_q, heads, head_dim,
-            BLOCK_M=delta_rows, BLOCK_D=_block_d(head_dim), num_warps=4)
-    dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
+            WIDE=long_rows, BLOCK_M=delta_rows, BLOCK_D=_block_d(head_dim), num_warps=4)
     ieee = q.dtype == torch.float32
     group = heads // kv_heads
 
@@ -451,7 +497,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
                 q[s], k[s], v[s], dout[s], lse[s], delta[s], dk[s], dv[s],
                 *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
                 seqlen_q, seqlen_k, heads, kv_heads, group, head_dim, scale, scale * LOG2E,
-                CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), WIDE=long_rows, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                 BLOCK_D=_block_d(head_dim), num_warps=t.num_warps, num_stages=t.num_stages,
             )
 
@@ -461,7 +507,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
                 q[s], k[s], v[s], dout[s], lse[s], delta[s], dq[s],
                 *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
                 seqlen_q, seqlen_k, heads, group, head_dim, scale, scale * LOG2E,
-                CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                CAUSAL=causal, IEEE=ieee, SPLIT=_split(q), WIDE=long_rows, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                 BLOCK_D=_block_d(head_dim), num_warps=t.num_warps, num_stages=t.num_stages,
             )
 
@@ -477,6 +523,7 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     received = new_output((batch, heads, seqlen_k), torch.float32, q.device)
     weight = None if query_weight is None else query_weight.to(torch.float32).contiguous()
+    long_rows = wide(q, k)
 
     def run(t):
         for s, programs in _grid.batch_slices(batch, heads):
@@ -484,6 +531,7 @@ def attention_received(q, k, lse, causal: bool, scale: float, query_weight=None)
                 q[s], k[s], lse[s], weight if weight is not None else lse, received[s], *_strides(q), *_strides(k),
                 seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E,
                 CAUSAL=causal, HAS_WEIGHT=weight is not None, IEEE=q.dtype == torch.float32, SPLIT=_split(q),
+                WIDE=long_rows,
                 BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=_block_d(head_dim),
                 num_warps=t.num_warps, num_stages=t.num_stages,
             )

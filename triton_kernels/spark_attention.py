@@ -49,7 +49,8 @@ import triton.language as tl
 
 from .._alloc import new_output, new_output_like
 from . import _grid
-from .attention import _attn_bwd_delta_kernel, _batch_head, _dot, _visible  # flash attention's mask, Δ
+# flash attention's mask, Δ pass and row addressing
+from .attention import _attn_bwd_delta_kernel, _batch_head, _dot, _rows, _visible, wide
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global, so jit code may read it
 
@@ -57,16 +58,17 @@ LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global, so jit code may 
 # ---- small pieces shared by every kernel -----------------------------------------------------------------
 
 @triton.jit
-def _tile(base, rows, row_stride, n_rows, col0, cols, n_cols):
-    """base[rows, col0 + cols] as a (rows, cols) tile, zero where row ≥ n_rows or col ≥ n_cols."""
-    return tl.load(base + rows[:, None] * row_stride + col0 + cols[None, :],
+def _tile(base, row0, rows, row_stride, n_rows, col0, cols, n_cols, WIDE: tl.constexpr):
+    """base[rows, col0 + cols] as a (rows, cols) tile, zero where row ≥ n_rows or col ≥ n_cols; rows are
+    row0 + 0..BLOCK−1, addressed as flash attention's _rows does (int64 from the first row when WIDE)."""
+    return tl.load(_rows(base, row0, rows, row_stride, WIDE)[:, None] + col0 + cols[None, :],
                    mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
 
 
 @triton.jit
-def _tile_t(base, rows, row_stride, n_rows, col0, cols, n_cols):
+def _tile_t(base, row0, rows, row_stride, n_rows, col0, cols, n_cols, WIDE: tl.constexpr):
     """The same block loaded transposed, (cols, rows): the kᵀ operand of q·kᵀ."""
-    return tl.load(base + rows[None, :] * row_stride + col0 + cols[:, None],
+    return tl.load(_rows(base, row0, rows, row_stride, WIDE)[None, :] + col0 + cols[:, None],
                    mask=(rows[None, :] < n_rows) & (cols[:, None] < n_cols), other=0.0)
 
 
@@ -108,20 +110,22 @@ def _stats_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
     seqlen_q, seqlen_k, heads, r, scale1,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh, b, h = _batch_head(heads)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h = _batch_head(heads, WIDE)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     k_base = K + b * sk_b + h * sk_h
-    q1 = _tile(Q + b * sq_b + h * sq_h, offs_m, sq_s, seqlen_q, 0, offs_r, r)
+    q1 = _tile(Q + b * sq_b + h * sq_h, m0, offs_m, sq_s, seqlen_q, 0, offs_r, r, WIDE)
     count = tl.zeros([BLOCK_M], dtype=tl.float32)
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, _last_key(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        s1 = _dot(q1, _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r), IEEE) * scale1
+        s1 = _dot(q1, _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, 0, offs_r, r, WIDE), IEEE) * scale1
         vis = _visible(offs_m, offs_n, seqlen_q, seqlen_k, CAUSAL)
         n_t = tl.sum(vis.to(tl.float32), axis=1)
         # correctly rounded division and square root (plain ones compile to approximate PTX), as the reference
@@ -150,13 +154,15 @@ def _fwd_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
     seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh, b, h = _batch_head(heads)
+    bh, b, h = _batch_head(heads, WIDE)
     rest = head_dim - r
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
@@ -164,8 +170,8 @@ def _fwd_kernel(
     q_base = Q + b * sq_b + h * sq_h
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
-    q1 = _tile(q_base, offs_m, sq_s, seqlen_q, 0, offs_r, r)
-    q2 = _tile(q_base, offs_m, sq_s, seqlen_q, r, offs_e, rest)
+    q1 = _tile(q_base, m0, offs_m, sq_s, seqlen_q, 0, offs_r, r, WIDE)
+    q2 = _tile(q_base, m0, offs_m, sq_s, seqlen_q, r, offs_e, rest, WIDE)
     theta = tl.load(THETA + bh * seqlen_q + offs_m, mask=m_ok, other=float("inf"))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -173,18 +179,18 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, _last_key(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        s1, keep = _predictor(q1, _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r), theta,
+        s1, keep = _predictor(q1, _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, 0, offs_r, r, WIDE), theta,
                               offs_m, offs_n, seqlen_q, seqlen_k, scale1, CAUSAL, IEEE)
         kept_t = tl.sum(keep.to(tl.int32), axis=1)
         kept += kept_t
         if tl.sum(kept_t, axis=0) > 0:  # the selection: a tile nobody keeps never reads K[r:] or V
-            s2 = _dot(q2, _tile_t(k_base, offs_n, sk_s, seqlen_k, r, offs_e, rest), IEEE) * scale2
+            s2 = _dot(q2, _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, r, offs_e, rest, WIDE), IEEE) * scale2
             m_new = tl.maximum(m_i, tl.max(tl.where(keep, s1, float("-inf")), axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # rows that have kept nothing yet
             p = tl.where(keep, tl.exp2((s1 - m_safe[:, None]) * LOG2E), 0.0)
             alpha = tl.exp2((m_i - m_safe) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _tile(v_base, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim)
+            v = _tile(v_base, start_n, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim, WIDE)
             acc = acc * alpha[:, None] + _dot((p * _softplus(s2)).to(v.dtype), v, IEEE)
             m_i = m_new
     has_key = l_i > 0.0
@@ -193,8 +199,8 @@ def _fwd_kernel(
     tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=m_ok)
     tl.store(KEPT + bh * seqlen_q + offs_m, kept.to(tl.int64), mask=m_ok)
     out = acc / l_safe[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(_rows(O + b * so_b + h * so_h, m0, offs_m, so_s, WIDE)[:, None] + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
 # ---- backward --------------------------------------------------------------------------------------------
@@ -216,22 +222,24 @@ def _bwd_dkdv_kernel(
     sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
     seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh, b, h = _batch_head(heads)
+    bh, b, h = _batch_head(heads, WIDE)
     rest = head_dim - r
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + b * sq_b + h * sq_h
     do_base = DO + b * sdo_b + h * sdo_h
     k_base = K + b * sk_b + h * sk_h
-    k1t = _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r)          # (R, N), as the forward loads it
-    k2t = _tile_t(k_base, offs_n, sk_s, seqlen_k, r, offs_e, rest)       # (E, N)
-    vt = _tile_t(V + b * sv_b + h * sv_h, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim)
+    k1t = _tile_t(k_base, n0, offs_n, sk_s, seqlen_k, 0, offs_r, r, WIDE)        # (R, N), as the forward loads it
+    k2t = _tile_t(k_base, n0, offs_n, sk_s, seqlen_k, r, offs_e, rest, WIDE)     # (E, N)
+    vt = _tile_t(V + b * sv_b + h * sv_h, n0, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim, WIDE)
     dk1 = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -241,12 +249,12 @@ def _bwd_dkdv_kernel(
     for m0 in range(start_m, seqlen_q, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seqlen_q
-        q1 = _tile(q_base, offs_m, sq_s, seqlen_q, 0, offs_r, r)
+        q1 = _tile(q_base, m0, offs_m, sq_s, seqlen_q, 0, offs_r, r, WIDE)
         theta = tl.load(THETA + bh * seqlen_q + offs_m, mask=m_ok, other=float("inf"))
         s1, keep = _predictor(q1, k1t, theta, offs_m, offs_n, seqlen_q, seqlen_k, scale1, CAUSAL, IEEE)
         if tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0) > 0:
-            q2 = _tile(q_base, offs_m, sq_s, seqlen_q, r, offs_e, rest)
-            do = _tile(do_base, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim)
+            q2 = _tile(q_base, m0, offs_m, sq_s, seqlen_q, r, offs_e, rest, WIDE)
+            do = _tile(do_base, m0, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim, WIDE)
             lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
             s2 = _dot(q2, k2t, IEEE) * scale2
@@ -255,13 +263,13 @@ def _bwd_dkdv_kernel(
             dk1 += _dot(tl.trans(ds1).to(q1.dtype), q1, IEEE)
             dk2 += _dot(tl.trans(ds2).to(q2.dtype), q2, IEEE)
     n_ok = offs_n < seqlen_k
-    dk_rows = DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_s
+    dk_rows = _rows(DK + b * sdk_b + h * sdk_h, n0, offs_n, sdk_s, WIDE)[:, None]
     tl.store(dk_rows + offs_r[None, :], (dk1 * scale1).to(DK.dtype.element_ty),
              mask=n_ok[:, None] & (offs_r[None, :] < r))
     tl.store(dk_rows + r + offs_e[None, :], (dk2 * scale2).to(DK.dtype.element_ty),
              mask=n_ok[:, None] & (offs_e[None, :] < rest))
-    tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(_rows(DV + b * sdv_b + h * sdv_h, n0, offs_n, sdv_s, WIDE)[:, None] + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
 @triton.jit
@@ -270,13 +278,15 @@ def _bwd_dq_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
     seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh, b, h = _batch_head(heads)
+    bh, b, h = _batch_head(heads, WIDE)
     rest = head_dim - r
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
@@ -284,9 +294,9 @@ def _bwd_dq_kernel(
     q_base = Q + b * sq_b + h * sq_h
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
-    q1 = _tile(q_base, offs_m, sq_s, seqlen_q, 0, offs_r, r)
-    q2 = _tile(q_base, offs_m, sq_s, seqlen_q, r, offs_e, rest)
-    do = _tile(DO + b * sdo_b + h * sdo_h, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim)
+    q1 = _tile(q_base, m0, offs_m, sq_s, seqlen_q, 0, offs_r, r, WIDE)
+    q2 = _tile(q_base, m0, offs_m, sq_s, seqlen_q, r, offs_e, rest, WIDE)
+    do = _tile(DO + b * sdo_b + h * sdo_h, m0, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim, WIDE)
     theta = tl.load(THETA + bh * seqlen_q + offs_m, mask=m_ok, other=float("inf"))
     lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
@@ -294,16 +304,16 @@ def _bwd_dq_kernel(
     dq2 = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     for start_n in range(0, _last_key(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k1t = _tile_t(k_base, offs_n, sk_s, seqlen_k, 0, offs_r, r)
+        k1t = _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, 0, offs_r, r, WIDE)
         s1, keep = _predictor(q1, k1t, theta, offs_m, offs_n, seqlen_q, seqlen_k, scale1, CAUSAL, IEEE)
         if tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0) > 0:
-            k2t = _tile_t(k_base, offs_n, sk_s, seqlen_k, r, offs_e, rest)
-            vt = _tile_t(v_base, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim)
+            k2t = _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, r, offs_e, rest, WIDE)
+            vt = _tile_t(v_base, start_n, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim, WIDE)
             s2 = _dot(q2, k2t, IEEE) * scale2
             _, ds1, ds2 = _score_grads(s1, keep, s2, lse, delta, _dot(do, vt, IEEE))
             dq1 += _dot(ds1.to(k1t.dtype), tl.trans(k1t), IEEE)
             dq2 += _dot(ds2.to(k2t.dtype), tl.trans(k2t), IEEE)
-    dq_rows = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s
+    dq_rows = _rows(DQ + b * sdq_b + h * sdq_h, m0, offs_m, sdq_s, WIDE)[:, None]
     tl.store(dq_rows + offs_r[None, :], (dq1 * scale1).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (offs_r[None, :] < r))
     tl.store(dq_rows + r + offs_e[None, :], (dq2 * scale2).to(DQ.dtype.element_ty),
@@ -369,17 +379,18 @@ def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool):
     kept = new_output((batch, heads, seqlen_q), torch.int64, q.device)
     out = new_output_like(q)
     z = quantile_z(seqlen_q, seqlen_k, top_k, causal, q.device)
+    long_rows = wide(q, k, v, out)
     for s, programs in _grid.batch_slices(batch, heads):
         grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), programs)
         _stats_kernel[grid](
             q[s], k[s], z, theta[s], *_strides(q), *_strides(k), seqlen_q, seqlen_k, heads, r, scale1,
-            CAUSAL=causal, IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-            num_warps=cfg["num_warps"],
+            CAUSAL=causal, IEEE=ieee, WIDE=long_rows, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"],
         )
         _fwd_kernel[grid](
             q[s], k[s], v[s], theta[s], out[s], lse[s], kept[s], *_strides(q), *_strides(k), *_strides(v),
             *_strides(out), seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee,
-            **cfg,
+            WIDE=long_rows, **cfg,
         )
     return out, lse, theta, kept
 
@@ -394,20 +405,23 @@ def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool):
     scale1, scale2 = r ** -0.5, (head_dim - r) ** -0.5
     delta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
+    long_rows = wide(q, k, v, out, dout, dq, dk, dv)
     for s, programs in _grid.batch_slices(batch, heads):
         q_grid = (triton.cdiv(seqlen_q, q_cfg["BLOCK_M"]), programs)
         _attn_bwd_delta_kernel[q_grid](
             out[s], dout[s], delta[s], *_strides(out), *_strides(dout), seqlen_q, heads, head_dim,
-            BLOCK_M=q_cfg["BLOCK_M"], BLOCK_D=q_cfg["BLOCK_D"], num_warps=4,
+            WIDE=long_rows, BLOCK_M=q_cfg["BLOCK_M"], BLOCK_D=q_cfg["BLOCK_D"], num_warps=4,
         )
         _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, kv_cfg["BLOCK_N"]), programs)](
             q[s], k[s], v[s], dout[s], theta[s], lse[s], delta[s], dk[s], dv[s],
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-            seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **kv_cfg,
+            seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee,
+            WIDE=long_rows, **kv_cfg,
         )
         _bwd_dq_kernel[q_grid](
             q[s], k[s], v[s], dout[s], theta[s], lse[s], delta[s], dq[s],
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee, **q_cfg,
+            seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee,
+            WIDE=long_rows, **q_cfg,
         )
     return dq, dk, dv
