@@ -51,7 +51,7 @@ def matmul_peak_tflops(device) -> float:
 def run(device, configs, dtype, progress=print) -> dict:
     peak = matmul_peak_tflops(device)
     progress(f"{common.device_name(device)}: measured matmul peak {peak:.1f} TFLOP/s")
-    results = []
+    results = common.result_rows()
     for batch, seqlen, heads, head_dim, causal in configs:
         make = lambda: tuple(torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype)  # noqa: E731
                              for _ in range(3))

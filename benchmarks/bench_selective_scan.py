@@ -155,7 +155,7 @@ def implementations(device, dtype, order, length, conv=False):
 
 def run(device, configs, dtypes, progress=print) -> dict:
     """configs: (batch, dim, L, N, conv): conv=True adds the conv+scan rows at that size."""
-    results = []
+    results = common.result_rows()
     copy_gbs = common.copy_bandwidth_gbs(device)
     for dtype in dtypes:
         for batch, dim, length, n, conv in configs:

@@ -32,7 +32,7 @@ from zigspark.nn import SparkFFN  # noqa: E402
 def run(device, d_model, d_ff, token_counts, dtype, progress=print) -> dict:
     layer = SparkFFN(d_model, d_ff, density=0.08).to(device=device, dtype=dtype).eval()
     dense = layer.dense_equivalent().to(device=device, dtype=dtype).eval()
-    results = []
+    results = common.result_rows()
     for tokens in token_counts:
         inputs = [(torch.randn(tokens, d_model, device=device, dtype=dtype),)]
         impls = {"dense GEGLU (equal params)": dense,
@@ -63,7 +63,7 @@ def sdpa(q, k, v, causal):
 
 def run_attention(device, configs, dtype, progress=print) -> list[dict]:
     """Spark attention backends vs dense attention; configs are (batch, seqlen, heads, head_dim, top_k, causal)."""
-    results = []
+    results = common.result_rows()
     for batch, seqlen, heads, head_dim, top_k, causal in configs:
         make = lambda: tuple(torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype)  # noqa: E731
                              for _ in range(3))

@@ -52,7 +52,7 @@ def implementations(device: torch.device, dtype: torch.dtype, d: int):
 def run(device: torch.device, dtypes, sizes, total_elements: int, with_backward: bool, progress=print) -> dict:
     bandwidth = common.copy_bandwidth_gbs(device)
     progress(f"{common.device_name(device)}: measured copy bandwidth {bandwidth:.0f} GB/s (read + write)")
-    rows_out = []
+    rows_out = common.result_rows()
     for dtype in dtypes:
         for d in sizes:
             rows = max(1, total_elements // d)

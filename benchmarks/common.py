@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import re
 import subprocess
@@ -41,6 +42,9 @@ def provenance(device: torch.device) -> dict:
                                     text=True, cwd=Path(__file__).parent.parent).stdout.strip())
     except OSError:
         commit, dirty = None, None
+    if commit is None and os.environ.get("ZIGSPARK_COMMIT"):
+        # a copy of the working tree without .git (the GPU machine): the commit is named by whoever sent it
+        commit, dirty = os.environ["ZIGSPARK_COMMIT"], None
     try:
         import triton
 
@@ -115,6 +119,17 @@ def write_result(bench: str, device: torch.device, payload: dict) -> tuple[Path,
     return path, data
 
 
+_collected: list[list] = []
+
+
+def result_rows() -> list:
+    """A list for a benchmark's result rows. The rows gathered so far are written even when the run is
+    stopped by SIGINT (a time limit), so a cut-off run still leaves what it measured."""
+    rows: list = []
+    _collected.append(rows)
+    return rows
+
+
 def cli(doc: str, bench: str, sizes: dict, argv=None, after=None) -> int:
     """The command line every benchmark shares: --device, --quick (tiny sizes, no result file).
 
@@ -126,7 +141,16 @@ def cli(doc: str, bench: str, sizes: dict, argv=None, after=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, no result file (smoke test)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    payload = sizes["quick" if args.quick else device.type](device)
+    try:
+        payload = sizes["quick" if args.quick else device.type](device)
+    except KeyboardInterrupt:
+        rows = [row for rows in _collected for row in rows]
+        if args.quick or not rows:
+            raise
+        path, _ = write_result(bench, device, {"interrupted": "stopped by SIGINT (a time limit) before every "
+                                                              "configuration ran", "results": rows})
+        print(f"interrupted: wrote the {len(rows)} rows measured so far to {path}")
+        return 130
     if not args.quick:
         path, data = write_result(bench, device, payload)
         extra = after(data, path) if after else None

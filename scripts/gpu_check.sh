@@ -6,7 +6,10 @@
 #
 #   PART=all (default) | tests | bench | more   split the work over calls of at most 10 minutes each
 #                                         (more: scaling and end-to-end benchmarks, the demo at full size)
-#   GPU_CHECK_BUDGET=540                  seconds for the whole script (a device call may run 600)
+#   GPU_CHECK_BUDGET                      seconds for the whole script: 420 for tests, 360 for bench, else
+#                                         540 (a device call may run 600; tests + bench fit 15 minutes of
+#                                         device time with the machine's start)
+#   ZIGSPARK_COMMIT                       the commit being checked, for the result files (no .git travels)
 #
 # Every step has its own time limit, cut to what is left of the budget; a step that no longer fits is
 # skipped and said so. The script exits non-zero if any step failed or was skipped.
@@ -16,17 +19,17 @@ OUT=${RESULTS_DIR:-}
 PART=${PART:-all}
 export PYTHONUNBUFFERED=1
 status=0
-budget=${GPU_CHECK_BUDGET:-540}
+case "$PART" in tests) default_budget=420 ;; bench) default_budget=360 ;; *) default_budget=540 ;; esac
+budget=${GPU_CHECK_BUDGET:-$default_budget}
 t0=$(date +%s)
 mkdir -p benchmarks/results
-log=benchmarks/results/gpu-check-$PART.log
+# the log goes straight to $RESULTS_DIR when there is one, so a call killed from outside still returns it
+if [ -n "$OUT" ]; then mkdir -p "$OUT"; log=$OUT/gpu-check-$PART.log; else log=benchmarks/results/gpu-check-$PART.log; fi
 : > "$log"
 started=$(mktemp)   # result files newer than this were written by this run
 
 publish() {  # copy the log and this run's result files to $RESULTS_DIR (at most 8 files in all)
   [ -n "$OUT" ] || return 0
-  mkdir -p "$OUT"
-  cp "$log" "$OUT"/
   find benchmarks/results -maxdepth 1 -newer "$started" \( -name '*.json' -o -name '*.png' \) | head -7 \
     | xargs -r cp -t "$OUT"/
 }
@@ -36,7 +39,7 @@ step() {  # step SECONDS command...
   shift
   local left=$(( budget - ($(date +%s) - t0) - 15 ))
   if [ "$left" -lt 20 ]; then
-    echo "=== SKIPPED (time budget of ${budget}s spent): $*" | tee -a "$log"; status=1; publish; return
+    echo "=== SKIPPED (time budget of ${budget}s spent): $*" | tee -a "$log"; status=1; publish; return 1
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== [$(date +%T)] $* (limit ${limit}s)" | tee -a "$log"
@@ -45,6 +48,7 @@ step() {  # step SECONDS command...
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then echo "=== FAILED ($rc$([ "$rc" = 124 ] && echo ': time limit')): $*" | tee -a "$log"; status=1; fi
   publish
+  return "$rc"
 }
 
 step 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
@@ -57,7 +61,17 @@ if [ -z "${ZIGSPARK_CUDA_ARCHS:-}" ]; then
   esac
 fi
 echo "=== ZIGSPARK_CUDA_ARCHS=${ZIGSPARK_CUDA_ARCHS:-default}" | tee -a "$log"
-step 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+export ZIGSPARK_CUDA=1   # a GPU check without the extension is no check: fail the build rather than skip it
+# A second call on the same (warm) machine reuses the extension the first one built, when the CUDA sources,
+# the build script, the targets and the Python are the same (the tree is copied afresh, so mtimes tell nothing).
+stamp=build/gpu-check-extension.stamp
+sources=$( (cat setup.py $(find csrc -type f | sort); echo "${ZIGSPARK_CUDA_ARCHS:-} $("$PY" -V 2>&1)") | sha256sum)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sources" ] && "$PY" -c "import zigspark._C" 2>/dev/null; then
+  echo "=== extension already built here from these sources: not rebuilt" | tee -a "$log"
+else
+  step 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . && mkdir -p build \
+    && echo "$sources" > "$stamp"
+fi
 step 60 "$PY" -m zigspark env
 if [ "$PART" = all ] || [ "$PART" = tests ]; then
   # The tiers' time goes mostly to Triton compiles (~500 for the gpu tier, ~380 for the interpret tier, 0.5-2 s
@@ -67,12 +81,13 @@ if [ "$PART" = all ] || [ "$PART" = tests ]; then
   # the build tier is a few seconds: first, so the long tiers cannot crowd it out; then the gpu tier; then the
   # interpret tier, which on a GPU runs the real kernels at tiny shapes
   step 60 "$PY" -m pytest -q -ra -m build tests
-  step 300 "$PY" -m pytest -q -ra $workers -m gpu tests
+  # loadgroup: the tests that need most of the GPU's memory (xdist_group "gpu-memory") share one worker
+  step 300 "$PY" -m pytest -q -ra $workers $([ -n "$workers" ] && echo --dist loadgroup) -m gpu tests
   step 150 "$PY" -m pytest -q -ra $workers -m interpret tests
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
   # a numerics table, not a timing: the hand-picked Triton tiles, no tuning
-  step 60 env ZIGSPARK_AUTOTUNE=0 "$PY" -m zigspark check --large --dtypes float32 float16 bfloat16 --json benchmarks/results/check-gpu.json
+  step 90 env ZIGSPARK_AUTOTUNE=0 "$PY" -m zigspark check --large --dtypes float32 float16 bfloat16 --json benchmarks/results/check-gpu.json
   step 60 "$PY" benchmarks/bench_stat_topk.py
   step 120 "$PY" benchmarks/bench_selective_scan.py
   # the Triton kernels time their candidate tiles once per shape bucket here: compiles take a minute of it

@@ -289,6 +289,7 @@ def test_gpu_attention_batch_heads_over_the_grid_limit(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu-memory")  # ~60 GB each: one at a time (make gpu-check runs --dist loadgroup)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("long_side", ["queries", "keys"])
 def test_gpu_attention_rows_past_2_31_within_a_head(backend, long_side):
