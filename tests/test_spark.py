@@ -82,8 +82,11 @@ def test_spark_ffn_module_paths_and_dense_equivalent():
 def test_spark_ffn_bad_inputs():
     K1, K2, V = ffn_params()
     x = torch.randn(2, 32, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"density must be in the open interval"):
-        zigspark.spark_ffn(x, K1, K2, V, 1.0)
+    for density in (1.0, 0.0, -0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match=r"density must be a number in the open interval \(0, 1\)"):
+            zigspark.spark_ffn(x, K1, K2, V, density)
+        with pytest.raises(ValueError, match=r"density must be a number in the open interval"):
+            SparkFFN(32, 64, density=density)
     with pytest.raises(ValueError, match=r"K2 must be \(d_ff, d_model − r\)"):
         zigspark.spark_ffn(x, K1, K2[:, :5], V, 0.1)
     with pytest.raises(ValueError, match=r"V must be"):

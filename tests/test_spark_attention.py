@@ -146,6 +146,41 @@ def test_top_k_at_least_seqlen_is_dense(causal):
     assert max_abs_err(out, dense.transpose(1, 2)) < 1e-12
 
 
+def check_equal_scores_keep_every_key(device, backend):
+    """Queries whose predictor part is zero score every key alike (σ = 0): they keep every visible key, as if
+    top_k covered them all, rather than none (s1 > θ = mean would fail for every key)."""
+    q, k, v = (t.to(device) for t in inputs((1, 20, 20, 2, 16), dtype=torch.float32, seed=4))
+    q[:, ::3, :, :4] = 0.0                                   # queries 0, 3, 6, …: all their s1 are 0
+    out, kept = zigspark.spark_attention(q, k, v, top_k=4, predictor_dim=4, causal=True, return_kept=True,
+                                         backend=backend)
+    tied = torch.arange(0, 20, 3)
+    assert torch.equal(kept[0, :, tied].cpu(), (tied + 1).expand(2, -1)), kept[0, :, tied]
+    assert (kept[0, :, 1::3] < torch.arange(1, 20, 3) + 1).any(), "the other queries should be sparse"
+    return out
+
+
+@cpu
+def test_equal_scores_keep_every_key():
+    check_equal_scores_keep_every_key(torch.device("cpu"), "reference")
+
+
+@pytest.mark.interpret
+def test_triton_equal_scores_keep_every_key(triton_device):
+    ours = check_equal_scores_keep_every_key(triton_device, "triton")
+    ref = check_equal_scores_keep_every_key(triton_device, "reference")
+    assert max_abs_err(ours, ref) < 1e-5
+
+
+@cpu
+def test_layer_checks_its_arguments_when_built():
+    from zigspark.nn import SparkAttention
+
+    with pytest.raises(ValueError, match="predictor_dim r = 16 must satisfy"):
+        SparkAttention(32, 2, 16, predictor_dim=16)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        SparkAttention(32, 2, 16, top_k=0)
+
+
 @cpu
 def test_bad_inputs():
     q = torch.randn(2, 5, 2, 16)

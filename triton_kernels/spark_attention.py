@@ -6,7 +6,7 @@ j ≤ i + S_k − S_q (causal, bottom-right aligned) or always (non-causal); n_i
 
     s1_ij = a·q_i[:r]·k_j[:r]                  s2_ij = c·q_i[r:]·k_j[r:]
     θ_i   = μ_i + σ_i·z_i,  z_i = Φ⁻¹(1 − top_k/n_i)   (μ, σ: mean and population std of s1 over the
-            visible keys; z_i = −∞ when n_i ≤ top_k, so θ_i = −∞ and every visible key is kept)
+            visible keys; θ_i = −∞, every visible key kept, when n_i ≤ top_k (z_i = −∞) or σ_i = 0)
     keep  = visible ∧ s1 > θ,   P = softmax over kept keys of s1,   g = softplus(s2),   W = P ⊙ g
     o_i   = Σ_j W_ij·v_j,   lse_i = log Σ_{j kept} e^{s1_ij}
 
@@ -141,7 +141,8 @@ def _stats_kernel(
     m_ok = offs_m < seqlen_q
     z = tl.load(Z + offs_m, mask=m_ok, other=float("-inf"))
     std = tl.sqrt_rn(tl.div_rn(m2, tl.maximum(count, 1.0)))
-    dense = z == float("-inf")                      # n_i ≤ top_k: keep every visible key
+    # n_i ≤ top_k, or all scores equal (σ = 0: s1 > θ would keep none): keep every visible key
+    dense = (z == float("-inf")) | (m2 == 0.0)
     theta = tl.where(dense, float("-inf"), mean + std * tl.where(dense, 0.0, z))
     tl.store(THETA + bh * seqlen_q + offs_m, theta, mask=m_ok)
 

@@ -1,9 +1,9 @@
 """Spark Transformer layers (arXiv 2506.06644): SparkFFN and SparkAttention on statistical top-k.
 
 The math, and the choices made where the paper's public description is open, are in
-zigspark/ops/spark.py. In training mode the layers run the dense-masked computation (exact gradients); in
-eval mode SparkFFN runs the sparse path that touches only the active neurons (`sparse_inference=False`
-keeps the dense path).
+zigspark/ops/spark.py. In training mode, and whenever gradients are on, the layers run the dense-masked
+computation (exact gradients); in eval mode under torch.no_grad() or torch.inference_mode(), SparkFFN runs
+the sparse path that touches only the active neurons (`sparse_inference=False` keeps the dense path).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.spark import spark_attention, spark_ffn
+from ..ops.spark import check_attention_sizes, check_density, spark_attention, spark_ffn
 
 
 class SparkFFN(nn.Module):
@@ -30,6 +30,7 @@ class SparkFFN(nn.Module):
         self.r = d_model // 4 if predictor_dim is None else predictor_dim
         if not 0 < self.r < d_model:
             raise ValueError(f"predictor_dim must satisfy 0 < r < d_model = {d_model}, got {self.r}")
+        check_density(density)
         self.d_model, self.d_ff, self.density = d_model, d_ff, density
         self.sparse_inference, self.backend = sparse_inference, backend
         bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
@@ -73,7 +74,7 @@ class SparkAttention(nn.Module):
                  causal: bool = True, backend: str = "auto"):
         super().__init__()
         self.heads, self.head_dim, self.top_k, self.causal, self.backend = heads, head_dim, top_k, causal, backend
-        self.r = head_dim // 4 if predictor_dim is None else predictor_dim
+        self.r = check_attention_sizes(head_dim, top_k, predictor_dim)
         self.qkv = nn.Linear(d_model, 3 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, d_model, bias=False)
 

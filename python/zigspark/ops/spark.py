@@ -10,12 +10,15 @@ Spark attention, per head, with q, k split at r (predictor / remainder) and the 
 
     s1_ij = q_i[:r]·k_j[:r] / √r,    s2_ij = q_i[r:]·k_j[r:] / √(D − r)
     keep_ij = s1_ij > θ_i,  θ_i = mean_j s1_ij + std_j s1_ij·Φ⁻¹(1 − top_k/n_i)   (over the n_i visible keys;
-              all visible keys are kept when n_i ≤ top_k)
+              all visible keys are kept when n_i ≤ top_k, or when std = 0: equal scores all tie at θ)
     w_ij = softmax_{j kept}(s1_ij) · softplus(s2_ij),    o_i = Σ_j w_ij·v_j   (o_i = 0 if i sees no key)
 
-Choices where the paper's public description is open (configurable in zigspark.nn): the predictor scores
-are scaled by 1/√r and the gate scores by 1/√(D − r); the softplus gate multiplies the softmax weights
-without renormalising; the statistics of the top-k use the population std over the visible keys.
+Choices where the paper's public description is open. Configurable (arguments of the ops and of
+zigspark.nn's layers): the predictor width r, the density or top_k, causal masking. Fixed here (every
+kernel and the reference assume them): the predictor scores are scaled by 1/√r and the gate scores by
+1/√(D − r); the softplus gate multiplies the softmax weights without renormalising; the statistics of the
+top-k use the population std over the visible keys; a query whose visible predictor scores are all equal
+keeps every visible key.
 
 The FFN trains on the dense-masked computation (exact gradients, through stat_topk's backward).
 Inference can run `spark_ffn(..., sparse=True)`, which computes only the active neurons: the reference
@@ -65,9 +68,15 @@ def _check_ffn(x, K1, K2, V, density):
         raise ValueError(f"K2 must be (d_ff, d_model − r) = ({d_ff}, {d - r}), got {tuple(K2.shape)}")
     if V.shape != (d, d_ff):
         raise ValueError(f"V must be (d_model, d_ff) = ({d}, {d_ff}), got {tuple(V.shape)}")
-    if not 0.0 < float(density) < 1.0:
-        raise ValueError(f"density must be in the open interval (0, 1), got {density}")
+    check_density(density)
     return check_same_device(x=x, K1=K1, K2=K2, V=V), r
+
+
+def check_density(density) -> None:
+    """The fraction of active neurons: a real number strictly between 0 and 1."""
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0.0 < float(density) < 1.0:
+        raise ValueError(f"density must be a number in the open interval (0, 1) (the paper uses 0.08), "
+                         f"got {density!r}")
 
 
 def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, backend="auto"):
@@ -197,15 +206,20 @@ def _check_attention(q, k, v, top_k, predictor_dim, chunk):
                         "convert them with .to(q.dtype)")
     if 0 in q.shape or 0 in k.shape:
         raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}; every dimension must be ≥ 1")
-    head_dim = q.shape[-1]
+    r = check_attention_sizes(q.shape[-1], top_k, predictor_dim)
+    check_int("chunk", chunk, 1)
+    return check_same_device(q=q, k=k, v=v), r
+
+
+def check_attention_sizes(head_dim: int, top_k, predictor_dim) -> int:
+    """-> r, the predictor width (default head_dim // 4), after checking it and top_k."""
     r = head_dim // 4 if predictor_dim is None else predictor_dim
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 < r < head_dim:
         raise ValueError(f"predictor_dim r = {r!r} must satisfy 0 < r < head_dim = {head_dim} (an int; "
                          f"the default is head_dim // 4 = {head_dim // 4})")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    check_int("chunk", chunk, 1)
-    return check_same_device(q=q, k=k, v=v), r
+    return r
 
 
 def _resolve_attention(backend, device, q, k):

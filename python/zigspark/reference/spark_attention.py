@@ -6,7 +6,8 @@ aligned; otherwise all S_k of them), n_i of them:
 
     s1_ij = a·q_i[:r]·k_j[:r],   s2_ij = c·q_i[r:]·k_j[r:]
     θ_i   = mean_j s1_ij + std_j s1_ij · Φ⁻¹(1 − top_k/n_i)     (population std over the visible keys;
-            θ_i = −∞, every visible key kept, when n_i ≤ top_k)
+            θ_i = −∞, every visible key kept, when n_i ≤ top_k, and when std = 0: all the scores tie
+            at the mean, and s1 > θ would keep none of them)
     keep_ij = visible_ij ∧ s1_ij > θ_i
     lse_i = log Σ_{j kept} exp(s1_ij),   P_ij = exp(s1_ij − lse_i) on kept keys, 0 elsewhere
     g_ij  = softplus(s2_ij),   W = P ⊙ g   (the gate is not renormalised),   o_i = Σ_j W_ij·v_j
@@ -97,7 +98,8 @@ def _threshold(s1, visible, z):
         mean = (s1 * vis_f).sum(-1, keepdim=True) / n
         var = (s1 - mean).mul_(vis_f).square_().sum(-1, keepdim=True) / n
     z = z[:, None]
-    return torch.where(z == -math.inf, torch.full_like(mean, -math.inf), mean + z * var.sqrt())
+    dense = (z == -math.inf) | (var == 0)
+    return torch.where(dense, torch.full_like(mean, -math.inf), mean + z * var.sqrt())
 
 
 def _kept(s1, theta, visible):
