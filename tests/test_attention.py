@@ -221,7 +221,8 @@ def check_attention_backend(backend, device, dtype, case, rel_floor=1e-4, exact=
 
 
 INTERPRET_CASES = [(1, 17, 17, 2, 1, 16, False), (1, 9, 23, 2, 2, 40, True), (1, 23, 9, 4, 2, 16, True),
-                   (1, 1, 5, 2, 2, 16, False), (1, 20, 20, 2, 2, 64, True)]
+                   (1, 1, 5, 2, 2, 16, False), (1, 20, 20, 2, 2, 64, True),
+                   (1, 17, 17, 8, 1, 128, False)]  # GQA 8: one dK/dV program loops over 8 query heads
 
 
 @pytest.mark.interpret
@@ -229,6 +230,13 @@ INTERPRET_CASES = [(1, 17, 17, 2, 1, 16, False), (1, 9, 23, 2, 2, 40, True), (1,
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=str)
 def test_triton_attention_matches_reference(triton_device, dtype, case):
     check_attention_backend("triton", triton_device, dtype, case)
+
+
+@pytest.mark.interpret
+def test_triton_refuses_head_dim_over_256(triton_device):
+    q = torch.randn(1, 5, 2, 272, device=triton_device)
+    with pytest.raises(ValueError, match="head_dim 272 is larger than the triton kernel's 256"):
+        zigspark.flash_attention(q, q, q, backend="triton")
 
 
 @pytest.mark.interpret
@@ -306,7 +314,14 @@ def test_gpu_attention_rows_past_2_31_within_a_head(backend, long_side):
 
 GPU_CASES = [(2, 1, 1, 4, 4, 64, False), (2, 17, 17, 4, 2, 40, True), (1, 128, 128, 8, 1, 128, True),
              (2, 1000, 1000, 4, 4, 64, False), (1, 1000, 777, 8, 8, 256, True), (1, 300, 1000, 8, 2, 16, True),
-             (1, 512, 512, 4, 4, 96, False)]
+             (1, 512, 512, 4, 4, 96, False), (1, 300, 1000, 8, 2, 64, False)]
+
+
+@pytest.mark.gpu
+def test_gpu_auto_takes_the_reference_over_head_dim_256():
+    q = torch.randn(1, 64, 2, 272, device="cuda", dtype=torch.float16)
+    ours = zigspark.flash_attention(q, q, q)
+    torch.testing.assert_close(ours, zigspark.flash_attention(q, q, q, backend="reference"))
 
 
 @pytest.mark.gpu
