@@ -45,15 +45,25 @@ def run(device, d_model, d_ff, token_counts, dtype, progress=print) -> dict:
                     x, layer.K1, layer.K2, layer.V, 0.08, sparse=True, backend=b))(backend)
         times = {}
         with torch.no_grad():
+            _, mask = zigspark.spark_ffn(*inputs[0], layer.K1, layer.K2, layer.V, 0.08, return_mask=True)
+            active = mask.float().mean().item()      # measured fraction of active neurons
+            # multiply-adds ×2 per token: the dense FFN's three d×h matrices; the dense-masked Spark FFN's
+            # predictor, K2 and V in full; the sparse one's predictor in full and K2, V for active neurons only
+            r, hidden = layer.r, dense.gate.out_features
+            flops = {"dense GEGLU (equal params)": 6 * d_model * hidden,
+                     "spark dense-masked": 2 * d_ff * (r + (d_model - r) + d_model)}
+            sparse_flops = 2 * d_ff * (r + active * (2 * d_model - r))
             for name, fn in impls.items():
                 ms = common.time_ms(fn, inputs, device)
                 times[name] = ms
                 results.append({"tokens": tokens, "d_model": d_model, "d_ff": d_ff, "density": 0.08,
-                                "dtype": str(dtype).replace("torch.", ""), "impl": name, "ms": ms})
+                                "dtype": str(dtype).replace("torch.", ""), "impl": name, "ms": ms,
+                                "flops": tokens * flops.get(name, sparse_flops), "measured_density": active})
                 progress(f"  tokens {tokens:>5} {name:<28} {ms:9.3f} ms")
         for row in results[-len(times):]:
             row["speedup_vs_dense"] = times["dense GEGLU (equal params)"] / row["ms"]
-    return {"results": results}
+    # fields that describe a row rather than define its case (benchmarks/report.py)
+    return {"results": results, "info_fields": ["flops", "measured_density", "mean_kept", "fwd_flops"]}
 
 
 def sdpa(q, k, v, causal):
@@ -83,10 +93,18 @@ def run_attention(device, configs, dtype, progress=print) -> list[dict]:
             with torch.no_grad():
                 _, counts = zigspark.spark_attention(*inputs[0], top_k, causal=causal, return_kept=True)
             kept = counts.double().mean().item()
+        # forward FLOPs: 4·D per visible pair for dense attention; Spark scores every visible pair on the r
+        # predictor dims (2·r) and only kept pairs on the rest and the values (2·(D − r) + 2·D)
+        visible = (seqlen + 1) / 2 if causal else seqlen
+        r = head_dim // 4
+        dense_flops = 4 * batch * heads * seqlen * visible * head_dim
+        spark_flops = None if kept is None else \
+            2 * batch * heads * seqlen * (visible * r + kept * (2 * head_dim - r))
         for name, fn in impls.items():
             row = {"batch": batch, "seqlen": seqlen, "heads": heads, "head_dim": head_dim,
                    "top_k": top_k, "causal": causal, "dtype": str(dtype).replace("torch.", ""), "impl": name,
-                   "mean_kept": kept if name.startswith("spark") else None}
+                   "mean_kept": kept if name.startswith("spark") else None,
+                   "fwd_flops": spark_flops if name.startswith("spark") else dense_flops}
             with torch.no_grad():
                 row["fwd_ms"] = common.time_ms(fn, inputs, device)
 
@@ -104,9 +122,8 @@ def run_attention(device, configs, dtype, progress=print) -> list[dict]:
 def run_cuda(device) -> dict:
     payload = run(device, 2048, 16384, [1, 4, 16, 2048], torch.bfloat16)
     attention = [(4, 2048, 16, 64, 256, True), (2, 4096, 16, 128, 256, True), (2, 4096, 16, 128, 256, False),
-                 (1, 16384, 16, 128, 256, True)]
+                 (1, 16384, 16, 128, 256, True), (1, 32768, 16, 128, 256, True)]  # 32k last: if cut off, the rest stay
     payload["results"] += run_attention(device, attention, torch.bfloat16)
-    payload["info_fields"] = ["mean_kept"]  # describes a spark row; not a case of its own (benchmarks/report.py)
     return payload
 
 
