@@ -31,7 +31,7 @@ def eager_scores(q, k):
 
 
 def run(device, token_counts, batches, dtype, heads=16, head_dim=64, progress=print) -> dict:
-    results = []
+    results = common.result_rows()
     for n in token_counts:
         grid = GRIDS.get(n, (1, n))
         keep = n // 9
@@ -39,11 +39,12 @@ def run(device, token_counts, batches, dtype, heads=16, head_dim=64, progress=pr
             obj, deep = torch.rand(batch, n, device=device), torch.rand(batch, n, device=device)
             x = torch.randn(batch, n, 1024, device=device, dtype=dtype)
             for backend in backends.BACKENDS:
-                if backends.unavailable_reason("hiprune_select", backend, device, obj.dtype) is not None:
+                if (backends.unavailable_reason("hiprune_select", backend, device, obj.dtype) is not None
+                        or backends.unavailable_reason("prune_tokens", backend, device, x.dtype) is not None):
                     continue
 
-                def select_gather(o, d, t, b=backend):
-                    return zigspark.prune_tokens(t, zigspark.hiprune_select(o, d, grid, keep, backend=b))
+                def select_gather(o, d, t, b=backend):   # both steps on backend b, as the row's label says
+                    return zigspark.prune_tokens(t, zigspark.hiprune_select(o, d, grid, keep, backend=b), backend=b)
 
                 ms = common.time_ms(select_gather, [(obj, deep, x)], device)
                 results.append({"N": n, "batch": batch, "keep": keep, "impl": f"hiprune select+gather {backend}",

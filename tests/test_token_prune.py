@@ -49,6 +49,50 @@ def test_matches_naive_reference(h, w, wrap_rows):
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("h,w", [(1, 7), (3, 5)])
+def test_matches_naive_reference_every_keep_alpha_and_always_keep(h, w):
+    """keep = 1..N with alpha up to 5 (anchors and buffers overflow the budget) and always_keep with a repeat."""
+    g = torch.Generator().manual_seed(h * 10 + w)
+    n = h * w
+    obj = torch.randint(0, 4, (2, n), generator=g).float()     # integer-valued: many ties
+    deep = torch.randint(0, 6, (2, n), generator=g) / 2
+    for keep in range(1, n + 1):
+        for alpha in (0.1, 1.0, 5.0):
+            for wrap_rows in (False, True):
+                for always in ((), (n - 1, 0, n - 1, 3)):
+                    always = always if len(set(always)) <= keep else always[:1]
+                    got = zigspark.hiprune_select(obj, deep, (h, w), keep, alpha=alpha, wrap_rows=wrap_rows,
+                                                  always_keep=list(always) or None)
+                    for b in range(2):
+                        expected = naive_hiprune(obj[b].tolist(), deep[b].tolist(), h, w, keep, alpha, wrap_rows,
+                                                 always)
+                        assert got[b].tolist() == expected, (h, w, keep, alpha, wrap_rows, always, b)
+
+
+@pytest.mark.cpu
+def test_always_keep_repeats_count_once_and_baselines_honour_it():
+    obj, deep = torch.rand(2, 16), torch.rand(2, 16)
+    sel = zigspark.hiprune_select(obj, deep, (4, 4), 2, always_keep=[1, 1, 1])
+    assert sel.shape == (2, 2) and (sel == 1).any(dim=1).all()
+    assert zigspark.hiprune_select(obj, deep, (4, 4), 2, always_keep=torch.tensor([5, 3, 5]))[0].tolist() == [3, 5]
+    att = zigspark.hiprune_select(obj, deep, (4, 4), 5, strategy="attention", always_keep=[15, 0, 15])
+    for b in range(2):
+        rest = [i for i in torch.argsort(deep[b], descending=True, stable=True).tolist() if i not in (0, 15)]
+        assert att[b].tolist() == sorted([0, 15] + rest[:3])
+    g = torch.Generator().manual_seed(0)
+    rnd = zigspark.hiprune_select(obj, deep, (4, 4), 5, strategy="random", always_keep=[15, 0, 15], generator=g)
+    assert rnd.shape == (2, 5) and (rnd.diff(dim=1) > 0).all()
+    assert ((rnd == 0).any(dim=1) & (rnd == 15).any(dim=1)).all()
+    only = zigspark.hiprune_select(obj, deep, (4, 4), 2, strategy="random", always_keep=[15, 0], generator=g)
+    assert only.tolist() == [[0, 15], [0, 15]]
+    for strategy in ("attention", "random"):
+        with pytest.raises(ValueError, match=r"always_keep indices must be in \[0, 16\)"):
+            zigspark.hiprune_select(obj, deep, (4, 4), 5, strategy=strategy, always_keep=[16])
+        with pytest.raises(ValueError, match="3 distinct indices but keep is 2"):
+            zigspark.hiprune_select(obj, deep, (4, 4), 2, strategy=strategy, always_keep=[0, 1, 2, 1])
+
+
+@pytest.mark.cpu
 def test_no_neighbour_across_row_edges_and_always_keep():
     h, w = 4, 5
     obj = torch.zeros(1, 20)
@@ -129,6 +173,17 @@ def test_bad_inputs():
         (dict(obj_scores=torch.full((2, 12), float("nan"))), "NaN"),
         (dict(strategy="best"), "strategy must be one of"),
         (dict(always_keep=[12]), r"always_keep indices must be in \[0, 12\)"),
+        (dict(deep_scores=torch.rand(2, 12).index_fill(1, torch.tensor([3]), float("nan"))), "NaN"),
+        (dict(deep_scores=torch.full((2, 12), float("nan")), strategy="attention"), "NaN"),
+        (dict(alpha=float("nan")), "alpha .* finite number >= 0, got nan"),
+        (dict(alpha=float("inf")), "alpha .* finite number >= 0"), (dict(alpha=-0.1), "alpha .* got -0.1"),
+        (dict(alpha="0.1x"), "alpha"),
+        (dict(grid=(-3, -4)), r"grid must be \(h, w\) with positive int sides, got \(-3, -4\)"),
+        (dict(grid=(12,)), r"grid must be a pair \(h, w\)"), (dict(grid=(3.0, 4)), "positive int sides"),
+        (dict(always_keep=[0, 1, 2, 3, 4, 0]), "5 distinct indices but keep is 4"),
+        (dict(always_keep=[[0, 1], [2, 3]]), r"always_keep must be 1-D .* got shape \(2, 2\)"),
+        (dict(always_keep=torch.tensor([[0], [5]]), strategy="random"), "always_keep must be 1-D"),
+        (dict(always_keep=[[0]], strategy="attention"), "per-sample always_keep is not supported"),
     ]
     for override, match in cases:
         args = {**dict(obj_scores=obj, deep_scores=deep, grid=(3, 4), keep=4), **override}
@@ -137,6 +192,13 @@ def test_bad_inputs():
                                     args.pop("keep"), **args)
     with pytest.raises(ValueError, match="keep_idx must be"):
         zigspark.prune_tokens(torch.randn(2, 5, 3), torch.tensor([[7]]))
+    x, idx = torch.randn(2, 5, 3), torch.tensor([[0, 4], [1, 2]])
+    for pos in (torch.randn(2, 5), torch.randn(2, 4, 2), torch.randn(3, 5, 2), torch.randn(5, 2)):
+        with pytest.raises(ValueError, match=r"positions must be \(batch or 1, N, P\) = \(2 or 1, 5, P\)"):
+            zigspark.prune_tokens(x, idx, pos)
+    with pytest.raises(TypeError, match="positions must be a torch.Tensor"):
+        zigspark.prune_tokens(x, idx, [[0.0]])
+    assert zigspark.prune_tokens(x, idx, torch.arange(5.0).view(1, 5, 1))[1][:, :, 0].tolist() == [[0, 4], [1, 2]]
 
 
 def _compare_backends(backend, device, grids, batch=3):
@@ -148,7 +210,7 @@ def _compare_backends(backend, device, grids, batch=3):
         deep[:, 1:4] = deep[:, 4:7]
         for wrap in (False, True):
             for keep in sorted({1, 2, 5, n // 9 or 1, n // 3 or 1, n}):
-                for always in (None, [n - 1, 0]):
+                for always in (None, [n - 1, 0, n - 1]):   # a repeat: deduplicated before any kernel
                     if always and keep < 2:
                         continue
                     args = (obj, deep, (h, w), keep)

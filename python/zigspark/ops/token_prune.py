@@ -9,12 +9,14 @@ score vectors (a middle "object" layer and a deep layer):
                across a left/right edge (wrap_rows=True: the official code's flat ±1 / ±w, clamped to [0, N−1])
     registers = the highest deep_scores among the rest, filling the budget to exactly `keep`
 
-Tokens are taken by priority until the budget is full: `always_keep` (in the given order), anchors (by
+Tokens are taken by priority until the budget is full: `always_keep` (all of them), anchors (by
 obj score), buffers (by their anchor's rank, then up, down, left, right), registers (by deep score). All
 ties go to the lower index, so the selection is deterministic. The result is sorted ascending.
 
 Baselines with the same interface: strategy="attention" keeps the `keep` highest deep_scores (FastV /
-EViT-style), strategy="random" a uniform random subset.
+EViT-style), strategy="random" a uniform random subset; both keep `always_keep` first as well.
+`always_keep` is one 1-D index list shared by the batch (the kernels take one list); repeated indices
+count once against the budget.
 
 Backends: reference (vectorised PyTorch), Triton (one fused program per sample, N ≤ 4096) and CUDA
 (csrc/token_prune: one block per sample, radix select instead of sorts, any N; float32/16/bf16 scores). The
@@ -27,6 +29,8 @@ repeat). `auto` keeps the reference first until a benchmark shows a kernel ahead
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -68,7 +72,8 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
         obj_scores, deep_scores: (batch, N) attention received at the object and the deep layer (e.g. from
             zigspark.attention_received), N = h·w.
         grid: (h, w).  keep: tokens to keep, 1 ≤ keep ≤ N.  alpha: anchor share (paper: 0.1).
-        always_keep: indices kept first (count against the budget), e.g. register/CLS tokens mapped by the caller.
+        always_keep: 1-D indices kept first in every sample (the distinct ones count against the budget), e.g.
+            register/CLS tokens mapped by the caller.
         strategy: "hiprune" | "attention" | "random".  generator: for "random".
     """
     check_float_tensor("obj_scores", obj_scores, _DTYPES)
@@ -77,31 +82,44 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
         raise ValueError(f"obj_scores and deep_scores must both be (batch, N), got {tuple(obj_scores.shape)} and "
                          f"{tuple(deep_scores.shape)}")
     batch, n = obj_scores.shape
-    h, w = grid
-    if h * w != n or h < 1 or w < 1:
-        raise ValueError(f"grid {tuple(grid)} has {h * w} tokens but the scores have N = {n}")
+    h, w = _check_grid(grid)
+    if h * w != n:
+        raise ValueError(f"grid {(h, w)} has {h * w} tokens but the scores have N = {n}")
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
         raise ValueError(f"keep must be an int with 1 <= keep <= N = {n}, got {keep!r}")
+    _check_alpha(alpha)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     device = check_same_device(obj_scores=obj_scores, deep_scores=deep_scores)
     # the kernels read both rows in one dtype: the wider of the two decides what a backend must support
     chosen = backends.resolve("hiprune_select", backend, device, torch.promote_types(obj_scores.dtype,
                                                                                       deep_scores.dtype))
-
-    if strategy == "random":
-        noise = torch.rand(batch, n, generator=generator, device="cpu" if generator is None else generator.device)
-        return torch.sort(torch.topk(noise.to(device), keep, dim=1).indices, dim=1).values
-    if strategy == "attention":
-        _check_finite(obj_scores, deep_scores)
-        return torch.sort(_descending_rank(deep_scores)[0][:, :keep], dim=1).values
-
-    n_anchor = min(n, max(1, round(keep * alpha / 5)))
     always = None
     if always_keep is not None:
-        always = torch.as_tensor(always_keep, device=device).long().reshape(-1)
-        if always.numel() > keep:
-            raise ValueError(f"always_keep has {always.numel()} indices but keep is {keep}")
+        always = torch.as_tensor(always_keep, device=device).long()
+        # the kernels take one index list for the whole batch; a (batch, m) tensor must not be flattened
+        # into every sample's list
+        if always.dim() > 1:
+            raise ValueError(f"always_keep must be 1-D indices shared by every sample, got shape "
+                             f"{tuple(always.shape)}; per-sample always_keep is not supported: run "
+                             "hiprune_select per group of samples that share their always_keep")
+        always = always.reshape(-1)
+
+    if strategy in ("random", "attention"):
+        # the baselines run in PyTorch, outside the op: they check always_keep here
+        always = None if always is None else _unique_always(always, n, keep)
+        if strategy == "random":
+            noise = torch.rand(batch, n, generator=generator,
+                               device="cpu" if generator is None else generator.device).to(device)
+            if always is None:
+                return torch.sort(torch.topk(noise, keep, dim=1).indices, dim=1).values
+            rank = _descending_rank(noise)[1]
+        else:
+            _check_finite(obj_scores, deep_scores)
+            rank = _descending_rank(deep_scores)[1]
+        return _keep_by_key(rank + n, always, keep)  # ranks + n: above the always_keep keys 0..n-1
+
+    n_anchor = min(n, max(1, round(keep * alpha / 5)))
     if chosen == "triton" and n > TRITON_MAX_N:
         if backend != "auto":
             raise ValueError(f"hiprune_select: N = {n} is larger than the triton kernel's {TRITON_MAX_N} tokens; "
@@ -109,6 +127,51 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
         chosen = "reference"
         backends.record("hiprune_select", chosen)
     return hiprune_select_op(obj_scores, deep_scores, h, w, keep, n_anchor, wrap_rows, always, chosen)
+
+
+def _check_grid(grid) -> tuple[int, int]:
+    """(h, w) as ints; non-positive sides get their own message (their product can match N, e.g. (-3, -4))."""
+    try:
+        h, w = grid
+    except (TypeError, ValueError):
+        raise ValueError(f"grid must be a pair (h, w) of patch rows and columns, got {grid!r}") from None
+    if any(isinstance(s, bool) or not isinstance(s, (numbers.Integral, torch.SymInt)) or s < 1 for s in (h, w)):
+        raise ValueError(f"grid must be (h, w) with positive int sides, got {tuple(grid)!r}")
+    return tuple(int(s) if isinstance(s, numbers.Integral) else s for s in (h, w))
+
+
+def _check_alpha(alpha) -> None:
+    """alpha >= 0 and finite: round(keep·alpha/5) fails on NaN / inf with an error that does not name alpha."""
+    try:
+        ok = not isinstance(alpha, bool) and math.isfinite(float(alpha)) and float(alpha) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"alpha (the anchor share of the budget) must be a finite number >= 0, got {alpha!r}; "
+                         "the paper uses 0.1")
+
+
+def _unique_always(always: torch.Tensor, n: int, keep: int) -> torch.Tensor:
+    """always_keep checked against N and deduplicated; only distinct indices count against the budget. The
+    order does not matter: all of them are kept, ahead of every other tier."""
+    if always.numel() and (always.min() < 0 or always.max() >= n):
+        raise ValueError(f"always_keep indices must be in [0, {n}), got {always.tolist()}")
+    always = torch.unique(always)
+    if always.numel() > keep:
+        raise ValueError(f"always_keep has {always.numel()} distinct indices but keep is {keep}; raise keep or "
+                         "pass fewer always_keep indices")
+    return always
+
+
+def _keep_by_key(key: torch.Tensor, always: Optional[torch.Tensor], keep: int) -> torch.Tensor:
+    """The keep tokens with the smallest key, ascending. always_keep get the keys 0..m-1, so the caller's keys
+    must all be >= N for them to come first."""
+    if always is not None and always.numel():
+        batch = key.shape[0]
+        key = key.scatter_reduce(1, always.expand(batch, -1), torch.arange(always.numel(), device=key.device)
+                                 .expand(batch, -1), reduce="amin")
+    kept = torch.sort(key, dim=1, stable=True).indices[:, :keep]
+    return torch.sort(kept, dim=1).values
 
 
 def _check_finite(obj_scores, deep_scores):
@@ -123,8 +186,8 @@ def hiprune_select_op(obj_scores: torch.Tensor, deep_scores: torch.Tensor, h: in
     scores, always_keep in range) live here, where the values are, so that callers can be compiled."""
     _check_finite(obj_scores, deep_scores)
     batch, n = obj_scores.shape
-    if always is not None and always.numel() and (always.min() < 0 or always.max() >= n):
-        raise ValueError(f"always_keep indices must be in [0, {n}), got {always.tolist()}")
+    if always is not None:
+        always = _unique_always(always, n, keep)
     if backend == "cuda":
         from ..cuda_ops.token_prune import hiprune_select as kernel
 
@@ -145,11 +208,7 @@ def hiprune_select_op(obj_scores: torch.Tensor, deep_scores: torch.Tensor, h: in
         value = torch.where(valid, 2 * stride + 4 * anchor_rank + direction, torch.full_like(idx, 4 * stride))
         key = key.scatter_reduce(1, torch.where(valid, idx, anchors), value, reduce="amin")
     key = key.scatter_reduce(1, anchors, stride + anchor_rank, reduce="amin")
-    if always is not None:
-        key = key.scatter_reduce(1, always.expand(batch, -1), torch.arange(always.numel(), device=device)
-                                 .expand(batch, -1), reduce="amin")
-    kept = torch.sort(key, dim=1, stable=True).indices[:, :keep]
-    return torch.sort(kept, dim=1).values
+    return _keep_by_key(key, always, keep)
 
 
 @hiprune_select_op.register_fake
@@ -221,5 +280,13 @@ def prune_tokens(x: torch.Tensor, keep_idx: torch.Tensor, positions: torch.Tenso
         out = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[2]))
     if positions is None:
         return out
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+    # (batch or 1, N, P): one row per token, gathered like x; a (batch, N) tensor needs its P axis
+    if (positions.dim() != 3 or positions.shape[0] not in (1, x.shape[0]) or positions.shape[1] != x.shape[1]):
+        raise ValueError(f"positions must be (batch or 1, N, P) = ({x.shape[0]} or 1, {x.shape[1]}, P) like x, got "
+                         f"shape {tuple(positions.shape)}; add a trailing axis to (batch, N) positions with "
+                         "positions[..., None]")
+    check_same_device(x=x, positions=positions)
     pos = positions.expand(x.shape[0], -1, -1)
     return out, torch.gather(pos, 1, keep_idx[..., None].expand(-1, -1, pos.shape[2]))
