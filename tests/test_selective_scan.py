@@ -306,7 +306,8 @@ def test_bad_inputs():
 
 # ---- kernels: interpret tier (tiny shapes) and gpu tier (real sizes) ----------------------------------
 
-def check_scan_backend(backend, device, dtype, order=None, dlast=True, rel_floor=2e-5, bc_float32=False, **case):
+def check_scan_backend(backend, device, dtype, order=None, dlast=True, rel_floor=2e-5, bc_float32=False,
+                       delta_softplus=True, **case):
     """Kernel vs reference (float64 and the kernel's dtype) by the numerics rule, outputs and gradients.
     bc_float32: B and C stay float32 while u, Δ and z take `dtype` (the kernels cast them to u's dtype)."""
     x = {k: None if v is None else v.to(device) for k, v in make_inputs(dtype=torch.float64, **case).items()}
@@ -316,8 +317,8 @@ def check_scan_backend(backend, device, dtype, order=None, dlast=True, rel_floor
 
     def run(inputs, which):
         leaves = {k: None if v is None else v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
-        out, last = zigspark.selective_scan(**leaves, delta_softplus=True, return_last_state=True, order=order,
-                                            backend=which)
+        out, last = zigspark.selective_scan(**leaves, delta_softplus=delta_softplus, return_last_state=True,
+                                            order=order, backend=which)
         torch.manual_seed(7)
         g = torch.randn(out.shape, dtype=torch.float64, device=device)
         gl = torch.randn(last.shape, dtype=torch.float64, device=device) if dlast else None
@@ -345,6 +346,14 @@ INTERPRET_CASES = [
     dict(length=24, order=orders.raster(24, reverse=True), with_z=False, with_d=False, with_bias=False, dim=2),
     dict(length=40, order=orders.zigzag(5, 8, 1), dim=2, n=64),     # chunks of 16 steps at N = 64
     dict(length=9, dim=1, n=256),                                   # chunks of 4 steps at N = 256
+    dict(length=20, order=orders.zigzag(4, 5, 4), dim=2, n=1),
+    dict(length=21, order=orders.zigzag(3, 7, 0), bc="grouped", groups=1, dim=3, n=4),
+]
+
+# delta_softplus=False: Δ + delta_bias is used as is (make_inputs keeps Δ in [0, 0.5), delta_bias ~ 0.1).
+NO_SOFTPLUS_CASES = [
+    dict(length=35, order=orders.zigzag(5, 7, 3), bc="grouped", groups=2, n=4),
+    dict(length=24, order=orders.temporal(2, 3, 4), bc="constant", dim=2, n=8, with_z=False, with_d=False),
 ]
 
 
@@ -353,6 +362,12 @@ INTERPRET_CASES = [
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"L{c['length']}")
 def test_triton_scan_matches_reference(triton_device, dtype, case):
     check_scan_backend("triton", triton_device, dtype, batch=1, **case)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", NO_SOFTPLUS_CASES, ids=lambda c: f"L{c['length']}")
+def test_triton_scan_without_softplus(triton_device, case):
+    check_scan_backend("triton", triton_device, torch.float32, delta_softplus=False, batch=2, **case)
 
 
 @pytest.mark.interpret
@@ -409,6 +424,13 @@ def test_emulated_cuda_scan_backward_is_precise_for_fast_decaying_states():
 @pytest.mark.interpret
 def test_triton_scan_backward_is_precise_for_fast_decaying_states(triton_device):
     check_backward_precise_for_fast_decaying_states("triton", triton_device)
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", NO_SOFTPLUS_CASES, ids=lambda c: f"L{c['length']}")
+def test_emulated_cuda_scan_without_softplus(dtype, case):
+    check_scan_backend("cuda", torch.device("cpu"), dtype, delta_softplus=False, batch=2, **case)
 
 
 @pytest.mark.emulate

@@ -72,6 +72,20 @@ def test_video_grid_and_bad_shapes():
 
 
 @cpu
+def test_index_order_is_a_buffer_outside_the_state_dict():
+    """A tensor order moves with the module (.to) but is not saved: it comes from the constructor, as a
+    built-in order does, so checkpoints of either kind load into the other."""
+    perm = torch.randperm(12)
+    layer = ZigzagMamba(8, grid=(3, 4), order=perm.int())
+    assert torch.equal(dict(layer.named_buffers())["order"], perm) and layer.order.dtype == torch.int64
+    assert "order" not in layer.state_dict()
+    assert layer.double().order.dtype == torch.int64
+    ZigzagMamba(8, grid=(3, 4)).load_state_dict(layer.state_dict())
+    with pytest.raises(ValueError):
+        ZigzagMamba(8, grid=(3, 4), order=torch.zeros(12, dtype=torch.long))   # not a permutation
+
+
+@cpu
 def test_selective_scan_fn_is_the_op():
     torch.manual_seed(1)
     u, delta = torch.randn(1, 4, 12), torch.rand(1, 4, 12)

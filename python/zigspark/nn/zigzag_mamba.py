@@ -49,7 +49,14 @@ class ZigzagMamba(nn.Module):
             raise ValueError(f"grid must be (h, w) or (frames, h, w), got {grid}")
         frames, h, w = (1, *grid) if len(grid) == 2 else grid
         self.grid, self.layer_index, self.backend = grid, layer_index, backend
-        self.order = order if order is not None else orders.zigzag(h, w, orders.path_for_layer(layer_index), frames)
+        order = order if order is not None else orders.zigzag(h, w, orders.path_for_layer(layer_index), frames)
+        if isinstance(order, torch.Tensor):
+            # Checked once, and kept as the kernels read it (int64, contiguous). A buffer, so that .to() and
+            # .cuda() move it with the parameters; not persistent, so that state_dicts stay as they were
+            # (the order comes from the constructor, as a built-in order does).
+            self.register_buffer("order", orders.check_order(order, order.numel(), order.device), persistent=False)
+        else:
+            self.order = order
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank

@@ -203,7 +203,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         z: (batch, dim, L); the output is multiplied by silu(z).
         order: None (raster), a zigspark.orders.ScanOrder (e.g. orders.zigzag(h, w, path)), or a LongTensor
             permutation of 0..L−1: the steps are taken in that order; inputs and outputs stay in raster order.
-        return_last_state: also return the state after the last step of the order, (batch, dim, N) float32.
+        return_last_state: also return the state after the last step of the order, (batch, dim, N) in float32
+            (float64 when u is float64).
         backend: "auto" | "cuda" | "triton" | "reference".
 
     Returns:
