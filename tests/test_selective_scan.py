@@ -172,7 +172,9 @@ def test_half_inputs_keep_dtype(dtype):
     out, last = zigspark.selective_scan(**x, return_last_state=True)
     assert out.dtype == dtype and last.dtype == torch.float32
     ref_out, _ = naive_scan(**x)
-    assert max_abs_err(out, ref_out) < 0.05 * ref_out.abs().max().item()
+    # the reference computes in float32 and rounds once to the output dtype: mamba-ssm's own tolerances
+    rtol, atol = {torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}[dtype]
+    torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol)
 
 
 def permuted_case(order_tensor, **kw):
