@@ -13,7 +13,11 @@ from zigspark.nn import FlashSelfAttention
 from numerics import assert_by_rule
 
 pytestmark = pytest.mark.cpu
-transformers = pytest.importorskip("transformers", reason="patch_attention tests need transformers")
+
+
+def hf():
+    """transformers, for the patch_attention tests only (the layer and compat tests do without it)."""
+    return pytest.importorskip("transformers", reason="patch_attention tests need transformers")
 
 
 def test_flash_self_attention_matches_manual_attention():
@@ -40,12 +44,14 @@ def test_flash_attn_func_signature_and_unsupported_arguments():
 
 
 def _bert():
+    transformers = hf()
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64)
     return transformers.BertModel(config).eval()
 
 
 def _vit():
+    transformers = hf()
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=4, intermediate_size=64)
     return transformers.ViTModel(config).eval()
