@@ -136,20 +136,27 @@ KERNELS = {   # every kernel an op launches must have been compiled by its case
 }
 
 
-@pytest.mark.parametrize("op", sorted(CASES))
-def test_triton_kernels_compile_for_hopper(op, capsys):
-    with aot.compiling() as record:
-        CASES[op]()
+def checked_compiles(record, what, capsys):
+    """The compiles of a case, sorted, with their spills printed; fails if any did not compile or asks for
+    more shared memory than a Hopper block has."""
     compiled = sorted(record.compiled.values(), key=str)
     with capsys.disabled():
-        print(f"\n{op}: {len(compiled)} compiles for sm_90a, {sum(c.seconds for c in compiled):.0f} s")
+        print(f"\n{what}: {len(compiled)} compiles for sm_90a, {sum(c.seconds for c in compiled):.0f} s")
         for c in compiled:
             if c.spill_bytes:
                 print(f"  spills: {c}")
     assert not record.failed, "\n".join(record.failed.values())
-    assert KERNELS[op] <= record.kernels(), f"never launched: {sorted(KERNELS[op] - record.kernels())}"
     too_big = [str(c) for c in compiled if c.shared_bytes > aot.HOPPER_SHARED_BYTES]
     assert not too_big, "more shared memory than a Hopper block has:\n" + "\n".join(too_big)
+    return compiled
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_triton_kernels_compile_for_hopper(op, capsys):
+    with aot.compiling() as record:
+        CASES[op]()
+    compiled = checked_compiles(record, op, capsys)
+    assert KERNELS[op] <= record.kernels(), f"never launched: {sorted(KERNELS[op] - record.kernels())}"
     spilling = [str(c) for c in compiled if c.spill_bytes > SPILL_LIMIT]
     assert not spilling, f"spills over {SPILL_LIMIT} B per thread:\n" + "\n".join(spilling)
 
@@ -167,13 +174,5 @@ def test_wide_row_attention_compiles_for_hopper(monkeypatch, capsys):
         zigspark.flash_attention(q, k, v, causal=True, backend="triton").sum().backward()
         zigspark.attention_received(q, k, causal=True, backend="triton")
         zigspark.spark_attention(q, k, v, top_k=256, causal=True, backend="triton").sum().backward()
-    compiled = sorted(record.compiled.values(), key=str)
-    with capsys.disabled():
-        print(f"\nwide rows: {len(compiled)} compiles for sm_90a")
-        for c in compiled:
-            if c.spill_bytes:
-                print(f"  spills: {c}")
-    assert not record.failed, "\n".join(record.failed.values())
+    compiled = checked_compiles(record, "wide rows", capsys)
     assert compiled and all("WIDE=True" in c.config for c in compiled), [str(c) for c in compiled]
-    too_big = [str(c) for c in compiled if c.shared_bytes > aot.HOPPER_SHARED_BYTES]
-    assert not too_big, "more shared memory than a Hopper block has:\n" + "\n".join(too_big)
