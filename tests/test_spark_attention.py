@@ -17,13 +17,14 @@ import torch.nn.functional as F
 
 import zigspark
 from zigspark.nn import SparkAttention
+from zigspark.reference import spark_attention as ref_attn
 
 from numerics import assert_by_rule, max_abs_err
 
 cpu = pytest.mark.cpu
 
 
-def naive_spark_attention(q, k, v, top_k, r, causal):
+def naive_spark_attention(q, k, v, top_k, r, causal, scales=None):
     """Oracle of the oracle: one query at a time, float64, straight from the formula. Differentiable.
     -> (out, lse, θ, kept)."""
     batch, seqlen_q, heads, head_dim = q.shape
@@ -40,8 +41,9 @@ def naive_spark_attention(q, k, v, top_k, r, causal):
                     rows.append(torch.zeros(head_dim, dtype=torch.float64))
                     continue
                 qi, ks, vs = q[b, i, h].double(), k[b, :n, h].double(), v[b, :n, h].double()
-                s1 = ks[:, :r] @ qi[:r] / math.sqrt(r)
-                s2 = ks[:, r:] @ qi[r:] / math.sqrt(head_dim - r)
+                a, c = scales or (1 / math.sqrt(r), 1 / math.sqrt(head_dim - r))
+                s1 = ks[:, :r] @ qi[:r] * a
+                s2 = ks[:, r:] @ qi[r:] * c
                 if n > top_k:
                     th = s1.mean() + s1.std(unbiased=False) * statistics.NormalDist().inv_cdf(1 - top_k / n)
                     keep = s1 > th
@@ -61,7 +63,8 @@ def finite(t):
 
 
 def fwd_op(q, k, v, top_k, r, causal, backend, chunk=1024):
-    return torch.ops.zigspark.spark_attention_fwd(q, k, v, top_k, r, causal, chunk, backend)
+    scales = ref_attn.default_scales(q.shape[-1], r)
+    return torch.ops.zigspark.spark_attention_fwd(q, k, v, top_k, r, *scales, causal, chunk, backend)
 
 
 CPU_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, causal
@@ -120,11 +123,11 @@ def test_gradcheck_float64(causal):
 @cpu
 def test_opcheck_and_compile():
     q, k, v = inputs((1, 5, 6, 2, 8), dtype=torch.float32, seed=1)
-    args = (q, k, v, 2, 3, True, 4, "reference")
+    args = (q, k, v, 2, 3, 0.5, 0.4, True, 4, "reference")
     torch.library.opcheck(torch.ops.zigspark.spark_attention_fwd.default, args)
     out, lse, theta, _ = torch.ops.zigspark.spark_attention_fwd(*args)
     torch.library.opcheck(torch.ops.zigspark.spark_attention_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, theta, 3, True, 4, "reference"))
+                          (torch.randn_like(out), q, k, v, out, lse, theta, 3, 0.5, 0.4, True, 4, "reference"))
     fn = lambda t: zigspark.spark_attention(t, t, t, top_k=3, causal=True)  # noqa: E731
     x = torch.randn(1, 9, 2, 16)
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), fn(x))
@@ -172,9 +175,34 @@ def test_triton_equal_scores_keep_every_key(triton_device):
 
 
 @cpu
-def test_layer_checks_its_arguments_when_built():
-    from zigspark.nn import SparkAttention
+@pytest.mark.parametrize("causal", [True, False])
+def test_custom_scales_match_naive(causal):
+    """predictor_scale and gate_scale replace 1/√r and 1/√(D − r) in the forward and the closed-form backward;
+    the kept keys do not depend on predictor_scale (θ scales with the scores)."""
+    q, k, v = inputs((1, 12, 14, 2, 16), requires_grad=True, seed=5)
+    out, kept = zigspark.spark_attention(q, k, v, top_k=4, predictor_dim=4, causal=causal, predictor_scale=0.9,
+                                         gate_scale=0.3, chunk=5, return_kept=True)
+    n_out, _, _, n_kept = naive_spark_attention(q, k, v, 4, 4, causal, scales=(0.9, 0.3))
+    assert max_abs_err(out, n_out) < 1e-12 and torch.equal(kept, n_kept)
+    _, default_kept = zigspark.spark_attention(q, k, v, top_k=4, predictor_dim=4, causal=causal, return_kept=True)
+    assert torch.equal(kept, default_kept)
+    g = torch.randn_like(out)
+    for name, a, e in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(n_out, (q, k, v), g)):
+        assert max_abs_err(a, e) < 1e-10, f"d{name}"
+    layer = SparkAttention(32, 2, 16, top_k=4, predictor_scale=0.9, gate_scale=0.3).double()
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    qkv = layer.qkv(x).reshape(1, 12, 3, 2, 16).unbind(2)
+    expected = zigspark.spark_attention(*qkv, 4, 4, causal=True, predictor_scale=0.9, gate_scale=0.3)
+    torch.testing.assert_close(layer(x), layer.out(expected.reshape(1, 12, 32)))
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="predictor_scale must be a finite number > 0"):
+            zigspark.spark_attention(q, k, v, 4, 4, predictor_scale=bad)
+        with pytest.raises(ValueError, match="gate_scale must be a finite number > 0"):
+            zigspark.spark_attention(q, k, v, 4, 4, gate_scale=bad)
 
+
+@cpu
+def test_layer_checks_its_arguments_when_built():
     with pytest.raises(ValueError, match="predictor_dim r = 16 must satisfy"):
         SparkAttention(32, 2, 16, predictor_dim=16)
     with pytest.raises(ValueError, match="top_k must be a positive int"):
@@ -291,6 +319,22 @@ def test_triton_matches_reference_small_tiles(triton_device, small_tiles, dtype,
 def test_triton_in_batch_slices(triton_device, small_grid):
     """batch·heads over the grid limit: the kernels run once per slice of the batch, results unchanged."""
     check_spark_backend(triton_device, torch.float16, (3, 17, 17, 2, 16, 4, 5, True))
+
+
+@pytest.mark.interpret
+def test_triton_custom_scales(triton_device):
+    """The kernels take predictor_scale and gate_scale as the reference does, forward and backward."""
+    q, k, v = (t.to(triton_device).float().requires_grad_(True) for t in inputs((1, 20, 24, 2, 32), seed=6))
+    results = []
+    for backend in ("triton", "reference"):
+        out, kept = zigspark.spark_attention(q, k, v, 5, 8, causal=True, predictor_scale=0.7, gate_scale=0.2,
+                                             return_kept=True, backend=backend)
+        results.append((out, kept, torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    (out, kept, grads), (r_out, r_kept, r_grads) = results
+    assert torch.equal(kept, r_kept)
+    assert max_abs_err(out, r_out) < 1e-5
+    for a, e in zip(grads, r_grads):
+        assert max_abs_err(a, e) < 1e-4
 
 
 @pytest.mark.interpret

@@ -1,7 +1,8 @@
 """Spark attention (Spark Transformer, arXiv 2506.06644), fused Triton forward and backward.
 
 Layout (batch, seqlen, heads, head_dim), last dimension contiguous. Per head, q and k split at r (the
-predictor dims) and the rest e = D − r; a = 1/√r, c = 1/√e; key j is visible to query i when
+predictor dims) and the rest e = D − r; a and c scale them (1/√r and 1/√e unless the op is given
+predictor_scale, gate_scale); key j is visible to query i when
 j ≤ i + S_k − S_q (causal, bottom-right aligned) or always (non-causal); n_i keys are visible.
 
     s1_ij = a·q_i[:r]·k_j[:r]                  s2_ij = c·q_i[r:]·k_j[r:]
@@ -367,14 +368,13 @@ def quantile_z(seqlen_q: int, seqlen_k: int, top_k: int, causal: bool, device) -
     return z_of(visible_counts(seqlen_q, seqlen_k, causal, device), top_k, torch.float32).contiguous()
 
 
-def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool):
+def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool, scale1: float, scale2: float):
     """-> (out (B, S_q, H, D) in q's dtype, lse, θ (B, H, S_q) float32, kept (B, H, S_q) int64).
     q, k, v: one dtype (fp16, bf16 or fp32), same heads, last dimension contiguous."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     ieee = q.dtype == torch.float32
     cfg = _config(head_dim, r, seqlen_q, seqlen_k, ieee, "fwd")
-    scale1, scale2 = r ** -0.5, (head_dim - r) ** -0.5
     theta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     lse = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     kept = new_output((batch, heads, seqlen_q), torch.int64, q.device)
@@ -396,14 +396,13 @@ def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool):
     return out, lse, theta, kept
 
 
-def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool):
+def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool, scale1: float, scale2: float):
     """-> (dq, dk, dv) in the inputs' dtypes, recomputing P from the saved lse and θ."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     ieee = q.dtype == torch.float32
     kv_cfg = _config(head_dim, r, seqlen_q, seqlen_k, ieee, "dkdv")
     q_cfg = _config(head_dim, r, seqlen_q, seqlen_k, ieee, "dq")
-    scale1, scale2 = r ** -0.5, (head_dim - r) ** -0.5
     delta = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     long_rows = wide(q, k, v, out, dout, dq, dk, dv)

@@ -71,9 +71,11 @@ class SparkAttention(nn.Module):
     remaining dimensions' scores. x (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
 
     def __init__(self, d_model: int, heads: int, head_dim: int, top_k: int = 256, predictor_dim: int | None = None,
-                 causal: bool = True, backend: str = "auto"):
+                 causal: bool = True, predictor_scale: float | None = None, gate_scale: float | None = None,
+                 backend: str = "auto"):
         super().__init__()
         self.heads, self.head_dim, self.top_k, self.causal, self.backend = heads, head_dim, top_k, causal, backend
+        self.predictor_scale, self.gate_scale = predictor_scale, gate_scale
         self.r = check_attention_sizes(head_dim, top_k, predictor_dim)
         self.qkv = nn.Linear(d_model, 3 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, d_model, bias=False)
@@ -81,5 +83,6 @@ class SparkAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seqlen, _ = x.shape
         q, k, v = self.qkv(x).reshape(batch, seqlen, 3, self.heads, self.head_dim).unbind(2)
-        o = spark_attention(q, k, v, self.top_k, self.r, causal=self.causal, backend=self.backend)
+        o = spark_attention(q, k, v, self.top_k, self.r, causal=self.causal, predictor_scale=self.predictor_scale,
+                            gate_scale=self.gate_scale, backend=self.backend)
         return self.out(o.reshape(batch, seqlen, self.heads * self.head_dim))

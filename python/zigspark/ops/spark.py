@@ -14,11 +14,11 @@ Spark attention, per head, with q, k split at r (predictor / remainder) and the 
     w_ij = softmax_{j kept}(s1_ij) · softplus(s2_ij),    o_i = Σ_j w_ij·v_j   (o_i = 0 if i sees no key)
 
 Choices where the paper's public description is open. Configurable (arguments of the ops and of
-zigspark.nn's layers): the predictor width r, the density or top_k, causal masking. Fixed here (every
-kernel and the reference assume them): the predictor scores are scaled by 1/√r and the gate scores by
-1/√(D − r); the softplus gate multiplies the softmax weights without renormalising; the statistics of the
-top-k use the population std over the visible keys; a query whose visible predictor scores are all equal
-keeps every visible key.
+zigspark.nn's layers): the predictor width r, the density or top_k, causal masking, and the scales of the
+two score parts (default: predictor scores by 1/√r, gate scores by 1/√(D − r)). Fixed here (every kernel
+and the reference assume them): the softplus gate multiplies the softmax weights without renormalising;
+the statistics of the top-k use the population std over the visible keys; a query whose visible
+predictor scores are all equal keeps every visible key.
 
 The FFN trains on the dense-masked computation (exact gradients, through stat_topk's backward).
 Inference can run `spark_ffn(..., sparse=True)`, which computes only the active neurons: the reference
@@ -38,6 +38,7 @@ skips the same tiles). A CUDA Spark-attention kernel is open work (#5).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -138,19 +139,20 @@ def _attn_kernels():
 
 
 @torch.library.custom_op("zigspark::spark_attention_fwd", mutates_args=())
-def spark_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, r: int, causal: bool,
-                        chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def spark_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, r: int, scale1: float,
+                        scale2: float, causal: bool, chunk: int, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B, S_q, H, D) in q's dtype, lse and θ (B, H, S_q) float32 (float64 for float64 inputs),
     kept (B, H, S_q) int64)."""
     if backend == "triton":
-        return _attn_kernels().spark_attention_fwd(q, k, v, top_k, r, causal)
+        return _attn_kernels().spark_attention_fwd(q, k, v, top_k, r, causal, scale1, scale2)
     with torch.no_grad():
-        out, lse, theta, kept = ref_attn.spark_attention_forward(q, k, v, top_k, r, causal, chunk)
+        out, lse, theta, kept = ref_attn.spark_attention_forward(q, k, v, top_k, r, causal, chunk, (scale1, scale2))
     return torch.empty_like(q).copy_(out), lse.contiguous(), theta.contiguous(), kept.contiguous()
 
 
 @spark_attention_fwd.register_fake
-def _(q, k, v, top_k, r, causal, chunk, backend):
+def _(q, k, v, top_k, r, scale1, scale2, causal, chunk, backend):
     batch, seqlen_q, heads, _ = q.shape
     stats = q.new_empty((batch, heads, seqlen_q), dtype=ref_attn.compute_dtype(q.dtype))
     return torch.empty_like(q), stats, torch.empty_like(stats), q.new_empty((batch, heads, seqlen_q),
@@ -159,33 +161,34 @@ def _(q, k, v, top_k, r, causal, chunk, backend):
 
 @torch.library.custom_op("zigspark::spark_attention_bwd", mutates_args=())
 def spark_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                        lse: torch.Tensor, theta: torch.Tensor, r: int, causal: bool, chunk: int, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        lse: torch.Tensor, theta: torch.Tensor, r: int, scale1: float, scale2: float, causal: bool,
+                        chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) in the inputs' dtypes, from the forward's out (for Δ = dO·out), lse and θ."""
     if backend == "triton":
-        return _attn_kernels().spark_attention_bwd(dout, q, k, v, out, lse, theta, r, causal)
-    grads = ref_attn.spark_attention_backward(dout, q, k, v, out, lse, theta, r, causal, chunk)
+        return _attn_kernels().spark_attention_bwd(dout, q, k, v, out, lse, theta, r, causal, scale1, scale2)
+    grads = ref_attn.spark_attention_backward(dout, q, k, v, out, lse, theta, r, causal, chunk, (scale1, scale2))
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
 @spark_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, theta, r, causal, chunk, backend):
+def _(dout, q, k, v, out, lse, theta, r, scale1, scale2, causal, chunk, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _attn_setup_context(ctx, inputs, output):
-    q, k, v, top_k, r, causal, chunk, backend = inputs
+    q, k, v, top_k, r, scale1, scale2, causal, chunk, backend = inputs
     out, lse, theta, kept = output
     ctx.save_for_backward(q, k, v, out, lse, theta)
-    ctx.r, ctx.causal, ctx.chunk, ctx.backend = r, causal, chunk, backend
+    ctx.r, ctx.scales, ctx.causal, ctx.chunk, ctx.backend = r, (scale1, scale2), causal, chunk, backend
     ctx.mark_non_differentiable(lse, theta, kept)
 
 
 def _attn_backward(ctx, dout, dlse, dtheta, dkept):
     q, k, v, out, lse, theta = ctx.saved_tensors
     dout = last_dim_contiguous(dout.to(out.dtype))
-    dq, dk, dv = spark_attention_bwd(dout, q, k, v, out, lse, theta, ctx.r, ctx.causal, ctx.chunk, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = spark_attention_bwd(dout, q, k, v, out, lse, theta, ctx.r, *ctx.scales, ctx.causal, ctx.chunk,
+                                     ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 spark_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -222,6 +225,18 @@ def check_attention_sizes(head_dim: int, top_k, predictor_dim) -> int:
     return r
 
 
+def _scales(head_dim: int, r: int, predictor_scale, gate_scale) -> tuple[float, float]:
+    """(a, c): the given ones, checked, or 1/√r and 1/√(head_dim − r)."""
+    scales = list(ref_attn.default_scales(head_dim, r))
+    for i, (name, given) in enumerate((("predictor_scale", predictor_scale), ("gate_scale", gate_scale))):
+        if given is None:
+            continue
+        if isinstance(given, bool) or not isinstance(given, numbers.Real) or not math.isfinite(given) or given <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 (default {scales[i]:.4g}), got {given!r}")
+        scales[i] = float(given)
+    return tuple(scales)
+
+
 def _resolve_attention(backend, device, q, k):
     chosen = backends.resolve("spark_attention", backend, device, q.dtype, size=k.shape[1])
     if chosen != "reference" and q.shape[-1] > MAX_HEAD_DIM:
@@ -233,8 +248,8 @@ def _resolve_attention(backend, device, q, k):
     return chosen
 
 
-def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, chunk=1024, return_kept=False,
-                    backend="auto"):
+def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, predictor_scale=None, gate_scale=None,
+                    chunk=1024, return_kept=False, backend="auto"):
     """Spark attention (formula in the module docstring): each query attends to the keys whose predictor
     score beats its statistical top-k threshold, with softmax weights gated by softplus of the rest.
 
@@ -244,6 +259,9 @@ def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, chun
         top_k: keys meant to survive per query (exactly all visible keys when a query sees ≤ top_k).
         predictor_dim: r, the leading dims of q and k that select keys; default head_dim // 4.
         causal: bottom-right aligned causal mask (query i sees keys j ≤ i + seqlen_k − seqlen_q).
+        predictor_scale, gate_scale: a and c of s1 = a·q[:r]·k[:r] and s2 = c·q[r:]·k[r:]; default 1/√r and
+            1/√(head_dim − r). a is the softmax temperature of the kept keys; it does not change which keys
+            are kept (θ scales with it).
         chunk: at most this many queries per step of the reference, which also bounds each step's scores
             (memory O(chunk·seqlen_k) per head at most); kernels ignore it.
         return_kept: also return the number of keys each query kept, (batch, heads, seqlen_q) int64.
@@ -258,8 +276,9 @@ def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, chun
         (torch.Size([1, 300, 2, 64]), torch.Size([1, 2, 300]))
     """
     device, r = _check_attention(q, k, v, top_k, predictor_dim, chunk)
+    scales = _scales(q.shape[-1], r, predictor_scale, gate_scale)
     chosen = _resolve_attention(backend, device, q, k)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    out, _, _, kept = torch.ops.zigspark.spark_attention_fwd(q, k, v, int(top_k), int(r), bool(causal), int(chunk),
-                                                            chosen)
+    out, _, _, kept = torch.ops.zigspark.spark_attention_fwd(q, k, v, int(top_k), int(r), *scales, bool(causal),
+                                                            int(chunk), chosen)
     return (out, kept) if return_kept else out

@@ -1,7 +1,7 @@
 """Spark attention (Spark Transformer, arXiv 2506.06644) in PyTorch, chunked over queries.
 
 Layout (batch, seqlen, heads, head_dim), as flash-attn. Per head, q and k split at r (predictor / rest),
-a = 1/√r, c = 1/√(D − r), and the keys j visible to query i (causal: j ≤ i + S_k − S_q, bottom-right
+scales a, c (default 1/√r and 1/√(D − r)), and the keys j visible to query i (causal: j ≤ i + S_k − S_q, bottom-right
 aligned; otherwise all S_k of them), n_i of them:
 
     s1_ij = a·q_i[:r]·k_j[:r],   s2_ij = c·q_i[r:]·k_j[r:]
@@ -72,10 +72,15 @@ def _visible(i0, i1, seqlen_q, seqlen_k, causal, device):
     return torch.arange(seqlen_k, device=device)[None, :] <= i + (seqlen_k - seqlen_q)
 
 
-def _scaled(qh, r):
+def default_scales(head_dim: int, r: int) -> tuple[float, float]:
+    """(a, c) = (1/√r, 1/√(D − r)): each score part scaled by its own width, as attention scales by 1/√D."""
+    return r ** -0.5, (head_dim - r) ** -0.5
+
+
+def _scaled(qh, r, scales):
     """Contiguous q[:r]·a and q[r:]·c, so that the score matmuls need no scaling pass and no copy."""
-    head_dim = qh.shape[-1]
-    return qh[..., :r] / math.sqrt(r), qh[..., r:] / math.sqrt(head_dim - r)
+    a, c = scales
+    return qh[..., :r] * a, qh[..., r:] * c
 
 
 def _split(kh, r):
@@ -107,14 +112,15 @@ def _kept(s1, theta, visible):
     return keep if visible is None else keep.logical_and_(visible)
 
 
-def spark_attention_forward(q, k, v, top_k: int, r: int, causal: bool, chunk: int = 1024):
+def spark_attention_forward(q, k, v, top_k: int, r: int, causal: bool, chunk: int = 1024, scales=None):
     """(out (B, S_q, H, D) in q's dtype, lse, θ (B, H, S_q) in the compute dtype, kept (B, H, S_q) int64).
     The score tensors are updated in place, so this is not differentiable by autograd: the op registers
     spark_attention_backward."""
     acc = compute_dtype(q.dtype)
     qh, kh, vh = (_heads(t, acc) for t in (q, k, v))
     (batch, heads, seqlen_q, _), seqlen_k = qh.shape, kh.shape[2]
-    (q1, q2), (k1t, k2t) = _scaled(qh, r), _split(kh, r)
+    scales = scales or default_scales(qh.shape[-1], r)
+    (q1, q2), (k1t, k2t) = _scaled(qh, r, scales), _split(kh, r)
     z_all = quantile_z(visible_counts(seqlen_q, seqlen_k, causal, q.device), top_k, acc)
     outs, lses, thetas, kept = [], [], [], []
     for i0, i1 in query_chunks(seqlen_q, batch * heads * seqlen_k, q.device, chunk):
@@ -131,15 +137,17 @@ def spark_attention_forward(q, k, v, top_k: int, r: int, causal: bool, chunk: in
     return out, torch.cat(lses, dim=2), torch.cat(thetas, dim=2), torch.cat(kept, dim=2)
 
 
-def spark_attention_backward(dout, q, k, v, out, lse, theta, r: int, causal: bool, chunk: int = 1024):
+def spark_attention_backward(dout, q, k, v, out, lse, theta, r: int, causal: bool, chunk: int = 1024,
+                             scales=None):
     """Closed-form (dq, dk, dv) in the inputs' dtypes (formula at the top of this file)."""
     acc = compute_dtype(q.dtype)
     qh, kh, vh, do = (_heads(t, acc) for t in (q, k, v, dout))
     delta = (do * _heads(out, acc)).sum(-1, keepdim=True)                 # (B, H, S_q, 1)
     lse, theta = lse.to(acc), theta.to(acc)
     (batch, heads, seqlen_q, _), seqlen_k = qh.shape, kh.shape[2]
-    (q1, q2), (k1t, k2t) = _scaled(qh, r), _split(kh, r)
-    k1, k2 = _scaled(kh, r)
+    scales = scales or default_scales(qh.shape[-1], r)
+    (q1, q2), (k1t, k2t) = _scaled(qh, r, scales), _split(kh, r)
+    k1, k2 = _scaled(kh, r, scales)
     vt = vh.transpose(-1, -2).contiguous()
     dq, dk1, dk2, dv = torch.empty_like(qh), torch.zeros_like(k1), torch.zeros_like(k2), torch.zeros_like(vh)
     for i0, i1 in query_chunks(seqlen_q, batch * heads * seqlen_k, q.device, chunk):
