@@ -110,12 +110,12 @@ def test_reference_work_tensors_are_not_shared_with_outputs_or_threads():
         assert max_abs_err(results[i], expected[i]) < 1e-10
 
 
-def fast_decay_case():
+def fast_decay_case(batch=2, dim=8, length=256):
     """Inputs where exp(Δ·A) is tiny (A = −1…−16, Δ ∈ (0.5, 3)), an output gradient, and the exact dA from
     autograd of the float64 loop: a_t·h_{t−1} taken as h_t − b_t cancels there (relative errors ~1e-3 on the
     small dA entries)."""
     g = torch.Generator().manual_seed(0)
-    batch, dim, length, n = 2, 8, 256, 16
+    n = 16
     u = torch.randn(batch, dim, length, generator=g)
     delta = 0.5 + 2.5 * torch.rand(batch, dim, length, generator=g)
     A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(dim, 1)
@@ -409,9 +409,9 @@ def bf16_inputs_with_float32_b_and_c(device, **case):
     return x
 
 
-def check_backward_precise_for_fast_decaying_states(backend, device):
+def check_backward_precise_for_fast_decaying_states(backend, device, **sizes):
     """As the reference's test: the kernel's backward uses h_{t−1} rather than taking h_t − b_t."""
-    inputs, dout, exact = fast_decay_case()
+    inputs, dout, exact = fast_decay_case(**sizes)
     leaves = [t.to(device).requires_grad_(True) for t in inputs]
     out = zigspark.selective_scan(*leaves, backend=backend)
     dA = torch.autograd.grad(out, leaves[2], dout.float().to(device))[0]
@@ -425,7 +425,8 @@ def test_emulated_cuda_scan_backward_is_precise_for_fast_decaying_states():
 
 @pytest.mark.interpret
 def test_triton_scan_backward_is_precise_for_fast_decaying_states(triton_device):
-    check_backward_precise_for_fast_decaying_states("triton", triton_device)
+    # smaller than the other tiers' case: the interpreter takes ~50 s at that size
+    check_backward_precise_for_fast_decaying_states("triton", triton_device, batch=1, dim=2, length=80)
 
 
 @pytest.mark.emulate
