@@ -141,6 +141,7 @@ def cli(doc: str, bench: str, sizes: dict, argv=None, after=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, no result file (smoke test)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    _collected.clear()  # the rows of this run only, when one process runs several benchmarks
     try:
         payload = sizes["quick" if args.quick else device.type](device)
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -45,6 +46,11 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """t itself if its last dimension has stride 1 (what the kernels need), else a contiguous copy."""
     return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def is_finite_real(value) -> bool:
+    """Whether `value` is a finite real number (bools are not numbers here), for the float arguments' checks."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def check_int(name: str, value, minimum: int, *, optional: bool = False) -> int | None:

@@ -38,7 +38,6 @@ skips the same tiles). A CUDA Spark-attention kernel is open work (#5).
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..reference import spark_attention as ref_attn
-from ..validation import check_float_tensor, check_int, check_same_device, last_dim_contiguous
+from ..validation import check_float_tensor, check_int, check_same_device, is_finite_real, last_dim_contiguous
 from .stat_topk import stat_topk
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -75,7 +74,7 @@ def _check_ffn(x, K1, K2, V, density):
 
 def check_density(density) -> None:
     """The fraction of active neurons: a real number strictly between 0 and 1."""
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0.0 < float(density) < 1.0:
+    if not is_finite_real(density) or not 0.0 < density < 1.0:
         raise ValueError(f"density must be a number in the open interval (0, 1) (the paper uses 0.08), "
                          f"got {density!r}")
 
@@ -231,7 +230,7 @@ def _scales(head_dim: int, r: int, predictor_scale, gate_scale) -> tuple[float, 
     for i, (name, given) in enumerate((("predictor_scale", predictor_scale), ("gate_scale", gate_scale))):
         if given is None:
             continue
-        if isinstance(given, bool) or not isinstance(given, numbers.Real) or not math.isfinite(given) or given <= 0:
+        if not is_finite_real(given) or given <= 0:
             raise ValueError(f"{name} must be a finite number > 0 (default {scales[i]:.4g}), got {given!r}")
         scales[i] = float(given)
     return tuple(scales)

@@ -29,14 +29,13 @@ repeat). `auto` keeps the reference first until a benchmark shows a kernel ahead
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
 import torch
 
 from .. import backends
-from ..validation import check_float_tensor, check_same_device
+from ..validation import check_float_tensor, check_same_device, is_finite_real
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 backends.register_op("hiprune_select", {"reference": _DTYPES, "triton": _DTYPES[:3], "cuda": _DTYPES[:3]},
@@ -142,11 +141,7 @@ def _check_grid(grid) -> tuple[int, int]:
 
 def _check_alpha(alpha) -> None:
     """alpha >= 0 and finite: round(keep·alpha/5) fails on NaN / inf with an error that does not name alpha."""
-    try:
-        ok = not isinstance(alpha, bool) and math.isfinite(float(alpha)) and float(alpha) >= 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    if not is_finite_real(alpha) or alpha < 0:
         raise ValueError(f"alpha (the anchor share of the budget) must be a finite number >= 0, got {alpha!r}; "
                          "the paper uses 0.1")
 
