@@ -2,8 +2,9 @@
 (on a GPU) Spark attention against dense attention.
 
 FFN: decode batches of 1 / 4 / 16 tokens and a prefill batch; every available zigspark backend of the
-sparse path (on a GPU "spark sparse cuda", csrc/spark_ffn, and "spark sparse triton"), the dense-masked
-path, and the dense GEGLU baseline (SparkFFN.dense_equivalent()). The Spark paper's 1.40× GPU decode
+sparse path (on a GPU "spark sparse cuda", csrc/spark_ffn, and "spark sparse triton", each also "unfused":
+F.linear predictor + stat_topk + the sparse kernels on the gate, which the fused path folds into two of its
+launches), the dense-masked path, and the dense GEGLU baseline (SparkFFN.dense_equivalent()). The Spark paper's 1.40× GPU decode
 speedup is the bar.
 
 Attention (GPU sizes only; CPU and --quick runs time the FFN alone): every available backend of
@@ -29,6 +30,13 @@ from zigspark import backends  # noqa: E402
 from zigspark.nn import SparkFFN  # noqa: E402
 
 
+def unfused(layer, x, backend):
+    """The sparse FFN in three steps: F.linear predictor, stat_topk, then the backend's sparse kernels on the
+    gate (zigspark::spark_ffn_sparse) — what spark_ffn(sparse=True) fuses into its kernels."""
+    gate = zigspark.stat_topk(torch.nn.functional.linear(x[:, :layer.r], layer.K1), density=0.08, backend=backend)
+    return torch.ops.zigspark.spark_ffn_sparse(x, gate, layer.K2, layer.V, layer.r, backend)
+
+
 def run(device, d_model, d_ff, token_counts, dtype, progress=print) -> dict:
     layer = SparkFFN(d_model, d_ff, density=0.08).to(device=device, dtype=dtype).eval()
     dense = layer.dense_equivalent().to(device=device, dtype=dtype).eval()
@@ -43,6 +51,8 @@ def run(device, d_model, d_ff, token_counts, dtype, progress=print) -> dict:
                     continue  # the per-token reference loop is the oracle, not a contender at prefill
                 impls[f"spark sparse {backend}"] = (lambda b: lambda x: zigspark.spark_ffn(
                     x, layer.K1, layer.K2, layer.V, 0.08, sparse=True, backend=b))(backend)
+                if backend != "reference":  # what fusing the predictor and threshold saves
+                    impls[f"spark sparse {backend} unfused"] = (lambda b: lambda x: unfused(layer, x, b))(backend)
         times = {}
         with torch.no_grad():
             _, mask = zigspark.spark_ffn(*inputs[0], layer.K1, layer.K2, layer.V, 0.08, return_mask=True)

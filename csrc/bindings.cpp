@@ -300,8 +300,9 @@ PYBIND11_MODULE(ZIGSPARK_MODULE_NAME, m) {
       [](uintptr_t x, uintptr_t gate, uintptr_t k2, uintptr_t vt, uintptr_t out, uintptr_t partial, int64_t tokens,
          int64_t d_model, int64_t d_ff, int64_t r, int64_t x_row_stride, int64_t gate_row_stride,
          int64_t k2_row_stride, int64_t vt_row_stride, int64_t out_row_stride, int64_t slices, int dtype, int device,
-         uintptr_t stream) {
+         uintptr_t stream, uintptr_t k1, uintptr_t moments, int64_t k1_row_stride, double z) {
         SparkFfnForwardArgs a;
+        a.k1 = k1; a.moments = moments; a.k1_row_stride = k1_row_stride; a.z = z;
         a.x = x; a.gate = gate; a.k2 = k2; a.vt = vt; a.out = out; a.partial = partial;
         a.tokens = tokens; a.d_model = d_model; a.d_ff = d_ff; a.r = r;
         a.x_row_stride = x_row_stride; a.gate_row_stride = gate_row_stride; a.k2_row_stride = k2_row_stride;
@@ -312,9 +313,14 @@ PYBIND11_MODULE(ZIGSPARK_MODULE_NAME, m) {
       },
       "Spark FFN sparse inference (spark_ffn.h): out_t = Σ_{g_ti > 0} GELU(g_ti)·(K2_i·x_t[r:])·Vᵀ_i, "
       "reading only the active rows of K2 and Vᵀ; float32/16/bf16, float32 accumulation; partial = 0 when "
-      "slices == 1",
+      "slices == 1; with k1 != 0 it computes the predictor and the threshold itself (gate and moments are then "
+      "float32 workspaces)",
       py::arg("x"), py::arg("gate"), py::arg("k2"), py::arg("vt"), py::arg("out"), py::arg("partial"),
       py::arg("tokens"), py::arg("d_model"), py::arg("d_ff"), py::arg("r"), py::arg("x_row_stride"),
       py::arg("gate_row_stride"), py::arg("k2_row_stride"), py::arg("vt_row_stride"), py::arg("out_row_stride"),
-      py::arg("slices"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+      py::arg("slices"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("k1") = 0,
+      py::arg("moments") = 0, py::arg("k1_row_stride") = 0, py::arg("z") = 0.0);
+  m.def("spark_ffn_predictor_tiles", &spark_ffn_predictor_tiles,
+        "predictor tiles per token of the fused Spark FFN path: its moments workspace is (tokens, tiles, 2) float32",
+        py::arg("d_ff"));
 }

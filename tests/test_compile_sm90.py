@@ -95,7 +95,10 @@ def case_spark_ffn():
         d, f, r = 1024, 4096, 256
         K1, K2, V = torch.randn(f, r, dtype=dtype), torch.randn(f, d - r, dtype=dtype), torch.randn(d, f, dtype=dtype)
         for tokens in (1, 16, 512):
-            zigspark.spark_ffn(torch.randn(tokens, d, dtype=dtype), K1, K2, V, 0.08, sparse=True, backend="triton")
+            x = torch.randn(tokens, d, dtype=dtype)
+            zigspark.spark_ffn(x, K1, K2, V, 0.08, sparse=True, backend="triton")   # predictor fused in
+            gate = torch.relu(torch.randn(tokens, f, dtype=dtype) - 1.4)          # a caller's own gate
+            torch.ops.zigspark.spark_ffn_sparse(x, gate, K2, V, r, "triton")
 
 
 def case_spark_attention():
@@ -130,7 +133,7 @@ KERNELS = {   # every kernel an op launches must have been compiled by its case
     "causal_conv1d": {"_conv_fwd_kernel", "_conv_grad_pre_kernel", "_conv_bwd_kernel"},
     "flash_attention": {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
                         "_attn_received_kernel"},
-    "spark_ffn": {"_active_values_kernel", "_project_kernel"},
+    "spark_ffn": {"_predictor_kernel", "_active_values_kernel", "_project_kernel"},
     "spark_attention": {"_stats_kernel", "_fwd_kernel", "_attn_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
     "token_prune": {"_hiprune_kernel", "_gather_rows_kernel", "_scatter_rows_kernel"},
 }

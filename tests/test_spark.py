@@ -61,6 +61,8 @@ def test_spark_ffn_sparse_op_opcheck_and_compiles_fullgraph():
 
     torch.testing.assert_close(torch.compile(sparse, fullgraph=True, backend="aot_eager")(x), sparse(x))
     torch.testing.assert_close(sparse(x), zigspark.spark_ffn(x, K1, K2, V, 0.1), rtol=1e-5, atol=1e-6)
+    for need_mask in (True, False):
+        torch.library.opcheck(torch.ops.zigspark.spark_ffn_infer.default, (x, K1, K2, V, 1.28, need_mask, "reference"))
 
 
 @pytest.mark.cpu
@@ -165,6 +167,51 @@ def test_triton_sparse_ffn_matches_dense(triton_device, dtype):
     low = [t.to(dtype) for t in (x, K1, K2, V)]
     sparse = zigspark.spark_ffn(*low, 0.1, sparse=True, backend="triton")
     assert_by_rule(sparse, dense64, zigspark.spark_ffn(*low, 0.1, backend="reference"), what="triton sparse FFN", rel_floor=1e-5)
+
+
+def fused_ffn_case(tokens, d, f, r, density, dtype, device, seed=0):
+    """The Triton fused path (predictor and threshold inside its kernels) against the float64 reference
+    and the same reference in `dtype`, with its mask checked against the reference's exact one."""
+    K1, K2, V = (t.to(device) for t in ffn_params(d=d, f=f, r=r, seed=seed))
+    x = torch.randn(tokens, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    dense64, mask64 = zigspark.spark_ffn(x, K1, K2, V, density, return_mask=True, backend="reference")
+    low = [t.to(dtype) for t in (x, K1, K2, V)]
+    sparse, mask = zigspark.spark_ffn(*low, density, sparse=True, return_mask=True, backend="triton")
+    assert mask.shape == mask64.shape and mask.dtype == torch.bool
+    assert_by_rule(sparse, dense64, zigspark.spark_ffn(*low, density, backend="reference"),
+                   what=f"triton fused sparse FFN {tokens}x{d}, d_ff {f}, r {r}", rel_floor=1e-5)
+    # A neuron may flip only where its predictor sits within rounding of θ: few, and none in float32.
+    flips = (mask != mask64).sum().item()
+    assert flips <= (0 if dtype == torch.float32 else max(2, mask.numel() // 200)), f"{flips} neurons flipped"
+    return mask
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens, d, f, r", [(1, 24, 40, 5), (19, 48, 333, 20), (2, 100, 130, 70)])
+def test_triton_fused_sparse_ffn_thresholds_inside_the_kernels(triton_device, dtype, tokens, d, f, r):
+    """Decode (1 token: a padded token tile), two token tiles (19), d_ff below one predictor tile (40) and
+    with a ragged last tile (333, 130), a predictor width over one k block (70). Not bfloat16 here: the
+    interpreter's tl.dot returns garbage for bfloat16 operands (the gpu tier covers it)."""
+    fused_ffn_case(tokens, d, f, r, 0.1, dtype, triton_device)
+
+
+@pytest.mark.interpret
+def test_triton_fused_sparse_ffn_density_and_constant_predictor(triton_device):
+    mask = fused_ffn_case(40, 32, 1000, 8, 0.08, torch.float32, triton_device, seed=3)
+    assert abs(mask.double().mean().item() - 0.08) < 0.02
+    K1, K2, V = (t.float().to(triton_device) for t in ffn_params(d=16, f=70, r=4))
+    x = torch.zeros(3, 16, device=triton_device)
+    x[:, 4:] = 1.0                         # p = 0 for every neuron: σ = 0, nothing exceeds θ, as the reference
+    out, mask = zigspark.spark_ffn(x, K1, K2, V, 0.1, sparse=True, return_mask=True, backend="triton")
+    assert not mask.any() and torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 64, 300])
+def test_gpu_triton_fused_sparse_ffn_matches_reference(dtype, tokens):
+    fused_ffn_case(tokens, 1024, 4096, 256, 0.08, dtype, "cuda")
 
 
 @pytest.mark.gpu

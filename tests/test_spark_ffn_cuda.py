@@ -10,6 +10,7 @@ kernels on the CPU emulator for small layers.
 
 import functools
 import math
+import statistics
 
 import pytest
 import torch
@@ -66,6 +67,14 @@ def test_gpu_cuda_sparse_ffn_matches_dense(d, r, density, tokens, dtype):
     check_sparse_matches_dense("cuda", d, r, density, tokens, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+@pytest.mark.parametrize("d,r", [(1024, 256), (520, 130), (4200, 4096)])
+def test_gpu_cuda_fused_predictor(d, r, tokens, dtype):
+    check_fused_predictor("cuda", d, r, tokens, None, dtype)
+
+
 # ---- emulate tier: the same kernels on the CPU emulator, small layers ---------------------------------------
 
 @pytest.mark.emulate
@@ -87,6 +96,40 @@ def test_emulated_cuda_sparse_ffn_extreme_gates_and_slice_plans(slices, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 def test_emulated_cuda_sparse_ffn_strided_weights(dtype):
     check_strided_weights("cpu", dtype, d=66, r=13, f=70, tokens=3, batched_d=64)
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("tokens, slices", [(9, None), (3, 1), (17, 3)])
+def test_emulated_cuda_fused_predictor(tokens, slices, dtype):
+    check_fused_predictor("cpu", 130, 33, tokens, slices, dtype)
+
+
+def check_fused_predictor(device, d, r, tokens, slices, dtype):
+    """The predictor and threshold computed inside the CUDA kernels: the gate it returns against stat_topk's
+    on the same rounded weights (continuous in θ, so a tolerance), the output against the formula from that
+    gate and by the numerics rule against the float64 reference, for a K1 with padded rows (row stride > r),
+    a token with constant predictor (σ = 0: nothing active), over 8 tokens (two predictor tiles) and d_ff
+    not a multiple of the 64-neuron tile."""
+    K1, K2, V = ffn_weights(d, r, device=device)
+    gen = torch.Generator(device).manual_seed(tokens)
+    x = torch.randn(tokens, d, dtype=torch.float64, device=device, generator=gen)
+    x[0, :r] = 0.0                                                  # p = 0 for every neuron of token 0
+    wide = torch.zeros(K1.shape[0], r + 7, dtype=dtype, device=device)
+    wide[:, :r] = K1.to(dtype)
+    low = [t.to(dtype) for t in (x, K1, K2, V)]
+    z = statistics.NormalDist().inv_cdf(1 - 0.2)
+    out, gate = cuda_ffn.spark_ffn_fused(low[0], wide[:, :r], low[2], low[3].T.contiguous(), z, slices=slices)
+    assert gate.dtype == torch.float32 and not gate[0].any() and torch.equal(out[0], torch.zeros_like(out[0]))
+    p = low[0][:, :r].float() @ low[1].float().T
+    expected_gate = zigspark.stat_topk(p, density=0.2, backend="reference")
+    torch.testing.assert_close(gate, expected_gate, rtol=0, atol=1e-5 * p.abs().max().item())
+    ref64 = formula(low[0].double(), gate.double(), low[2].double(), low[3].T.double(), r)
+    assert_by_rule(out, ref64, formula(low[0], gate.to(dtype), low[2], low[3].T, r), what="cuda fused FFN",
+                   rel_floor=1e-5)
+    dense64 = zigspark.spark_ffn(x, K1, K2, V, 0.2, backend="reference")
+    assert_by_rule(out, dense64, zigspark.spark_ffn(*low, 0.2, backend="reference"), what="cuda fused FFN vs dense",
+                   rel_floor=1e-5)
 
 
 def check_extreme_gates_and_slice_plans(device, d, r, slices, dtype):
@@ -224,6 +267,18 @@ def test_spark_ffn_validates_before_launch(C):
     with pytest.raises(ValueError, match="K2 row stride 40 is shorter"):
         C.spark_ffn_forward(**_launch_args(k2_row_stride=40))
     C.spark_ffn_forward(**_launch_args(tokens=0))  # nothing to do: returns without touching the device
+    fused = _launch_args(k1=256, moments=0, k1_row_stride=16, z=1.4)
+    with pytest.raises(ValueError, match="needs the float32 moments workspace"):
+        C.spark_ffn_forward(**fused)
+    with pytest.raises(ValueError, match="K1 row stride 8 is shorter"):
+        C.spark_ffn_forward(**dict(fused, moments=256, k1_row_stride=8))
+    with pytest.raises(ValueError, match="z must be finite"):
+        C.spark_ffn_forward(**dict(fused, moments=256, z=float("inf")))
+    with pytest.raises(ValueError, match="takes r ≤ 4096"):
+        C.spark_ffn_forward(**dict(fused, moments=256, d_model=5000, r=4100, x_row_stride=5000, k1_row_stride=4100,
+                                   k2_row_stride=900, vt_row_stride=5000, out_row_stride=5000))
+    assert C.spark_ffn_predictor_tiles(1) == 1 and C.spark_ffn_predictor_tiles(130) == 3
+    assert not cuda_ffn.fusable(1, 4097) and cuda_ffn.fusable(1, 4096)
 
 
 @pytest.mark.build

@@ -1,13 +1,22 @@
 """Sparse Spark FFN inference (Spark Transformer, arXiv 2506.06644), Triton.
 
-Given the statistical top-k gate g = relu(K1·x[:r] − θ) of each token (zigspark.stat_topk, ~density·f
-nonzero), the FFN output needs only the active neurons j (g_j > 0):
+For a token x, predictor width r, z = Φ⁻¹(1 − density), K1 ∈ R^{f×r}, K2 ∈ R^{f×(d−r)}, Vᵀ ∈ R^{f×d}:
 
-    a_j = GELU(g_j)·(K2_j·x[r:])        for active j, 0 otherwise       (kernel 1: one K2 row per active j)
-    y   = Σ_{j active} a_j·V_{:, j}                                     (kernel 2: one Vᵀ row per active j)
+    p   = K1·x[:r]                                                      (kernel 1, all f neurons)
+    θ   = mean(p) + z·std(p),   g = relu(p − θ)                         (statistical top-k, population std)
+    a_j = GELU(g_j)·(K2_j·x[r:])        for active j (g_j > 0), else 0  (kernel 2: one K2 row per active j)
+    y   = Σ_{j active} a_j·V_{:, j}                                     (kernel 3: one Vᵀ row per active j)
 
 Rows of K2 and of Vᵀ belonging to inactive neurons are masked out of the loads, so memory traffic scales
 with the density instead of with d_ff — the point of Spark's decode speedup.
+
+θ needs every p of the token, which a grid of independent programs cannot share within a launch, so the
+statistics are split: kernel 1 computes a tile of tokens × neurons of p and writes, beside it, each
+token's exact mean and M2 over the tile's neurons; kernel 2 merges a token's tile moments (total mean
+= count-weighted mean of the tile means, M2 = Σ M2_tile + Σ count·(mean_tile − mean)², no cancellation),
+thresholds its own neurons and goes on to their dot products. That fuses the predictor and the statistical
+top-k into the sparse kernels: p is written once in float32 and read once, and the gate costs no launch of
+its own. `spark_ffn_sparse` is the unfused variant for a caller that already holds the gate.
 """
 
 from __future__ import annotations
@@ -16,6 +25,11 @@ import torch
 import triton
 import triton.language as tl
 from .._alloc import new_output, new_output_like
+from .attention import _dot
+from .stat_topk import _div, _sqrt
+
+PREDICTOR_BLOCK_T = 16   # tokens per predictor tile: tl.dot's smallest M (a decode batch of 1 pads to it)
+PREDICTOR_BLOCK_F = 64   # neurons per predictor tile: one partial moment pair per token and tile
 
 
 @triton.jit
@@ -24,12 +38,62 @@ def _gelu(x):
 
 
 @triton.jit
-def _active_values_kernel(X, G, K2, A, r, d_model, d_ff, sx_t, sg_t, sk2_f, sa_t,
-                          BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+def _predictor_kernel(X, K1, P, MOM, tokens, r, d_ff, sx_t, sk1_f, sp_t, sm_t,
+                      BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """P[t, f] = K1_f·x_t[:r] in float32 for a tile of tokens × neurons, and per token the tile's exact
+    (mean, M2) of p over its valid neurons into MOM[t, tile, 0:2]."""
+    pid_f = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    t_ok, f_ok = t < tokens, f < d_ff
+    t64, f64 = t.to(tl.int64), f.to(tl.int64)   # tokens·d_ff can pass 2³¹ in a long prefill
+    p = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.float32)
+    for k0 in range(0, r, BLOCK_R):
+        k = k0 + tl.arange(0, BLOCK_R)
+        k_ok = k < r
+        xs = tl.load(X + t64[:, None] * sx_t + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(K1 + f64[None, :] * sk1_f + k[:, None], mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        p = p + _dot(xs, w, IEEE)
+    tl.store(P + t64[:, None] * sp_t + f64[None, :], p, mask=t_ok[:, None] & f_ok[None, :])
+    count = tl.minimum(d_ff - pid_f * BLOCK_F, BLOCK_F).to(tl.float32)
+    mean = _div(tl.sum(tl.where(f_ok[None, :], p, 0.0), axis=1), count, tl.float32)
+    dev = tl.where(f_ok[None, :], p - mean[:, None], 0.0)
+    m2 = tl.sum(dev * dev, axis=1)
+    mom = MOM + t64 * sm_t + pid_f * 2
+    tl.store(mom, mean, mask=t_ok)
+    tl.store(mom + 1, m2, mask=t_ok)
+
+
+@triton.jit
+def _threshold(MOM, t, sm_t, d_ff, z, TILES: tl.constexpr, BLOCK_F: tl.constexpr):
+    """θ = mean + z·std of token t's p from its predictor tiles' (mean, M2), merged in one step."""
+    tile = tl.arange(0, TILES)
+    n_tiles = tl.cdiv(d_ff, BLOCK_F)
+    ok = tile < n_tiles
+    count = tl.where(ok, tl.minimum(d_ff - tile * BLOCK_F, BLOCK_F), 0).to(tl.float32)
+    means = tl.load(MOM + t * sm_t + tile * 2, mask=ok, other=0.0)
+    m2s = tl.load(MOM + t * sm_t + tile * 2 + 1, mask=ok, other=0.0)
+    n = tl.zeros([], dtype=tl.float32) + d_ff   # d_ff may arrive as a constexpr 1: no .to()
+    mean = _div(tl.sum(count * means, axis=0), n, tl.float32)
+    spread = tl.where(ok, means - mean, 0.0)
+    m2 = tl.sum(m2s, axis=0) + tl.sum(count * spread * spread, axis=0)
+    return mean + z * _sqrt(_div(m2, n, tl.float32), tl.float32)
+
+
+@triton.jit
+def _active_values_kernel(X, G, MOM, K2, A, r, d_model, d_ff, z, sx_t, sg_t, sm_t, sk2_f, sa_t,
+                          BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+                          THRESHOLD: tl.constexpr, TILES: tl.constexpr, PREDICTOR_F: tl.constexpr):
+    """A[t, f] = GELU(g)·(K2_f·x_t[r:]) for the active neurons of a block, 0 for the others. G holds the
+    gate g, or with THRESHOLD the float32 predictor p, which is thresholded here (θ from MOM) and
+    overwritten by its gate relu(p − θ) (each program owns its block of G)."""
     t = tl.program_id(0).to(tl.int64)  # tokens·d_ff can pass 2³¹ in a long prefill
-    f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < d_ff
     g = tl.load(G + t * sg_t + f, mask=f_ok, other=0.0).to(tl.float32)
+    if THRESHOLD:
+        g = tl.maximum(g - _threshold(MOM, t, sm_t, d_ff, z, TILES, PREDICTOR_F), 0.0)
+        tl.store(G + t * sg_t + f, g, mask=f_ok)
     active = g > 0.0
     dot = tl.zeros([BLOCK_F], dtype=tl.float32)
     width = d_model - r
@@ -58,18 +122,42 @@ def _project_kernel(A, VT, Y, d_model, d_ff, sa_t, svt_f, sy_t,
     tl.store(Y + t * sy_t + d, acc.to(Y.dtype.element_ty), mask=d_ok)
 
 
-def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, r: int) -> torch.Tensor:
-    """x (tokens, d_model), gate (tokens, d_ff) = relu(predictor − θ), K2 (d_ff, d_model − r),
-    VT (d_ff, d_model) = Vᵀ contiguous -> y (tokens, d_model)."""
+def _active_and_project(x, gate, moments, K2, VT, r, z, threshold):
     tokens, d_model = x.shape
     d_ff = gate.shape[1]
     a = new_output((tokens, d_ff), torch.float32, x.device)
     block_f, block_k = 64, min(128, triton.next_power_of_2(max(d_model - r, 16)))
+    tiles = triton.next_power_of_2(triton.cdiv(d_ff, PREDICTOR_BLOCK_F))
     _active_values_kernel[(tokens, triton.cdiv(d_ff, block_f))](
-        x, gate, K2, a, r, d_model, d_ff, x.stride(0), gate.stride(0), K2.stride(0), a.stride(0),
-        BLOCK_F=block_f, BLOCK_K=block_k)
+        x, gate, moments, K2, a, r, d_model, d_ff, z, x.stride(0), gate.stride(0), moments.stride(0),
+        K2.stride(0), a.stride(0), BLOCK_F=block_f, BLOCK_K=block_k, THRESHOLD=threshold, TILES=tiles,
+        PREDICTOR_F=PREDICTOR_BLOCK_F)
     y = new_output_like(x)
     block_d = min(128, triton.next_power_of_2(d_model))
     _project_kernel[(tokens, triton.cdiv(d_model, block_d))](
         a, VT, y, d_model, d_ff, a.stride(0), VT.stride(0), y.stride(0), BLOCK_F=64, BLOCK_D=block_d)
     return y
+
+
+def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, r: int) -> torch.Tensor:
+    """x (tokens, d_model), gate (tokens, d_ff) = relu(predictor − θ), K2 (d_ff, d_model − r),
+    VT (d_ff, d_model) = Vᵀ contiguous -> y (tokens, d_model)."""
+    return _active_and_project(x, gate, gate, K2, VT, r, 0.0, threshold=False)
+
+
+def spark_ffn_fused(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, z: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole sparse FFN from x (tokens, d_model), K1 (d_ff, r), K2, VT as above and z = Φ⁻¹(1 − density)
+    -> (y (tokens, d_model), gate (tokens, d_ff) float32 = relu(p − θ)). Rows with unit last stride."""
+    tokens = x.shape[0]
+    d_ff, r = K1.shape
+    gate = new_output((tokens, d_ff), torch.float32, x.device)      # p, then the gate, in place
+    tiles = triton.cdiv(d_ff, PREDICTOR_BLOCK_F)
+    moments = new_output((tokens, tiles, 2), torch.float32, x.device)
+    if tokens:
+        _predictor_kernel[(triton.cdiv(tokens, PREDICTOR_BLOCK_T), tiles)](
+            x, K1, gate, moments, tokens, r, d_ff, x.stride(0), K1.stride(0), gate.stride(0), moments.stride(0),
+            BLOCK_T=PREDICTOR_BLOCK_T, BLOCK_F=PREDICTOR_BLOCK_F, BLOCK_R=min(64, max(16, triton.next_power_of_2(r))),
+            IEEE=x.dtype == torch.float32)
+        return _active_and_project(x, gate, moments, K2, VT, r, z, threshold=True), gate
+    return new_output_like(x), gate

@@ -6,6 +6,9 @@
 //     a_ti  = GELU(g_ti) · (K2_i · x_t[r:])              for the active i  (GELU exact: ½v(1 + erf(v/√2)),
 //     out_t = Σ_{i : g_ti > 0} a_ti · Vᵀ_i                                  F.gelu's default)
 //
+// With the predictor fused (args.k1 set), the gate is computed too: p_t = K1·x_t[:r], θ_t = mean(p_t) + z·std(p_t)
+// (population std, z = Φ⁻¹(1 − density)), g_t = relu(p_t − θ_t) — statistical top-k without its own launch.
+//
 // An inactive neuron contributes GELU(0) = 0 in the dense-masked computation, so skipping it changes nothing
 // but the rounding. Only the active neurons' rows of K2 and Vᵀ are read: about density·f of the f rows, which
 // is the whole point at decode, where the FFN is bound by the bytes of weights it reads. Inputs are float32,
@@ -41,6 +44,16 @@
 // token; at decode, CUDA graphs hide launches anyway.) The slice plan depends on the SM count, so results
 // are bit-reproducible per GPU model, not across models.
 //
+// The fused predictor. θ needs all of a token's p, which independent blocks cannot share within a launch, so
+// it is split across the two launches: the predictor kernel computes p for a tile of 8 tokens × 64 neurons
+// (block of 8 warps; each warp takes 8 neurons, its lanes stride over r with the 8 tokens' x[:r] staged in
+// shared memory, so each K1 row is read once per 8 tokens) and writes p in float32 with each token's exact
+// mean and M2 over the tile; the slice kernel first merges its token's tile moments (mean = count-weighted
+// mean of the tile means, M2 = Σ M2_tile + Σ count·(mean_tile − mean)²: no cancellation, fixed order) into θ,
+// then compacts on p − θ and writes the gate over p for the caller's mask. That saves stat_topk's launch
+// and its read and write of the gate; K1 is read once per 8 tokens, which is what decode needs (a prefill
+// batch would want a tensor-core GEMM for the predictor: see the note in spark_ffn_forward).
+//
 // Shared-memory handoffs per chunk, each behind one __syncthreads in block-uniform code: counts → offsets,
 // list (indices, gates) → dot products, a values → accumulation; the next chunk rewrites the list only after
 // its first barrier, which every thread reaches after finishing its accumulation reads. The accumulators
@@ -54,6 +67,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -80,6 +94,9 @@ constexpr int kMinSlice = 128;                // fewer neurons per block leave m
 // loads in flight per lane keep ~64 KiB of weight reads in flight per SM, well above what HBM needs.
 constexpr int kBlocksPerSm = 4;
 constexpr int kReduceThreads = 256;
+constexpr int kPredNeurons = 64;              // neurons per predictor tile: one (mean, M2) per token and tile
+constexpr int kPredTokens = kWarps;           // tokens per predictor tile: warp w reduces token w's moments
+constexpr int kMaxFusedR = 4096;              // the tile's x[:r] in shared memory: 8·4096 floats = 128 KiB
 // The slice kernel's static shared memory: the list and the counts.
 constexpr size_t kStaticSmemBytes = kChunk * (sizeof(int) + sizeof(float)) + kRounds * kWarps * sizeof(int);
 
@@ -95,6 +112,21 @@ struct Params {
   int d_model, width, r;  // width = d_model − r
   int64_t d_ff;
   int slices, slice_size;
+  float* predictor;       // fused path: (tokens, d_ff) float32 p, row stride sg, overwritten by the gate
+  const float* moments;   // fused path: (tokens, tiles, 2) per-tile (mean, M2) of p
+  int tiles;
+  float z;
+};
+
+// The predictor kernel's launch: p = K1·x[:r] for a tile of tokens × neurons, with the tile moments.
+template <typename T>
+struct PredictorParams {
+  const T* x;           // (tokens, d_model), row stride sx; the first r columns are read
+  const T* k1;          // (d_ff, r), row stride sk1
+  float* predictor;     // (tokens, d_ff), row stride sp
+  float* moments;       // (tokens, tiles, 2)
+  int64_t sx, sk1, sp, tokens, d_ff;
+  int r, tiles;
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -214,9 +246,81 @@ __device__ __forceinline__ void accumulate_rows(const T* __restrict__ vt, int64_
   }
 }
 
+// ---- the fused predictor ---------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) spark_ffn_predictor_kernel(const PredictorParams<T> p) {
+  extern __shared__ __align__(16) float x_s[];       // (kPredTokens, r): the tile's x[:r] in float32
+  __shared__ float p_s[kPredTokens][kPredNeurons];   // the tile's p, for its moments
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t t0 = int64_t(blockIdx.y) * kPredTokens, n0 = int64_t(blockIdx.x) * kPredNeurons;
+  const int tokens_here = int(min(int64_t(kPredTokens), p.tokens - t0));
+  const int neurons_here = int(min(int64_t(kPredNeurons), p.d_ff - n0));
+  for (int e = tid; e < kPredTokens * p.r; e += kThreads) {
+    const int tok = e / p.r, k = e - tok * p.r;
+    x_s[e] = tok < tokens_here ? load_acc(p.x[(t0 + tok) * p.sx + k]) : 0.0f;  // absent tokens: zeros
+  }
+  __syncthreads();
+  for (int j = warp; j < neurons_here; j += kWarps) {  // warp-uniform bound: whole warps reach warp_sum
+    const T* row = p.k1 + (n0 + j) * p.sk1;
+    float acc[kPredTokens] = {};
+#pragma unroll 4
+    for (int k = lane; k < p.r; k += 32) {             // consecutive lanes, consecutive k: coalesced
+      const float w = load_acc(row[k]);
+#pragma unroll
+      for (int tok = 0; tok < kPredTokens; ++tok) acc[tok] = fmaf(w, x_s[tok * p.r + k], acc[tok]);
+    }
+#pragma unroll
+    for (int tok = 0; tok < kPredTokens; ++tok) {
+      const float dot = warp_sum(acc[tok]);
+      if (lane == 0) p_s[tok][j] = dot;
+    }
+  }
+  __syncthreads();
+  if (warp >= tokens_here) return;                    // warp-uniform; no barrier follows
+  const int64_t t = t0 + warp;
+  float v[kPredNeurons / 32];
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPredNeurons / 32; ++i) {
+    const int j = lane + 32 * i;
+    v[i] = j < neurons_here ? p_s[warp][j] : 0.0f;
+    if (j < neurons_here) p.predictor[t * p.sp + n0 + j] = v[i];
+    sum += v[i];
+  }
+  const float mean = warp_sum(sum) / float(neurons_here);
+  float m2 = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPredNeurons / 32; ++i) {
+    const float dev = lane + 32 * i < neurons_here ? v[i] - mean : 0.0f;
+    m2 = fmaf(dev, dev, m2);
+  }
+  m2 = warp_sum(m2);
+  if (lane == 0) {
+    float* dst = p.moments + (t * p.tiles + blockIdx.x) * 2;
+    dst[0] = mean;
+    dst[1] = m2;
+  }
+}
+
+// θ = mean + z·std of a token's p from its tile moments; every thread of the block gets it (block-uniform call).
+__device__ float token_threshold(const float* __restrict__ moments, int tiles, int64_t d_ff, float z) {
+  auto count = [&](int i) { return float(min(int64_t(kPredNeurons), d_ff - int64_t(i) * kPredNeurons)); };
+  float weighted = 0.0f;
+  for (int i = threadIdx.x; i < tiles; i += kThreads) weighted = fmaf(count(i), moments[2 * i], weighted);
+  const float n = float(d_ff);
+  const float mean = block_sum(weighted) / n;
+  float m2 = 0.0f;
+  for (int i = threadIdx.x; i < tiles; i += kThreads) {
+    const float spread = moments[2 * i] - mean;
+    m2 += fmaf(count(i) * spread, spread, moments[2 * i + 1]);
+  }
+  return fmaf(z, sqrtf(block_sum(m2) / n), mean);
+}
+
 // ---- the slice kernel: steps 1–4 for one (token, slice) ---------------------------------------------
 
-template <typename T, bool kVecCols>
+template <typename T, bool kVecCols, bool kFused>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) spark_ffn_slice_kernel(const Params<T> p) {
   constexpr int CV = kVecCols ? 16 / int(sizeof(T)) : 1;
   // Dynamic shared memory: the float32 accumulators of all d_model columns, then x_t[r:] in float32.
@@ -241,6 +345,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) spark_ffn_slice_kernel
   }
 
   const T* gate = p.gate + token * p.sg;
+  float* predictor = kFused ? p.predictor + token * p.sg : nullptr;
+  const float theta = kFused ? token_threshold(p.moments + token * p.tiles * 2, p.tiles, p.d_ff, p.z) : 0.0f;
   const unsigned lanes_below = (1u << lane) - 1u;
   for (int64_t chunk = slice_begin; chunk < slice_end; chunk += kChunk) {
     // 1. compaction. Neuron chunk + round·256 + warp·32 + lane: (round, warp, lane) order is neuron order.
@@ -249,7 +355,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) spark_ffn_slice_kernel
 #pragma unroll
     for (int round = 0; round < kRounds; ++round) {
       const int64_t n = chunk + round * kThreads + tid;
-      g[round] = n < slice_end ? load_acc(gate[n]) : 0.0f;
+      if constexpr (kFused) {
+        g[round] = n < slice_end ? predictor[n] - theta : 0.0f;
+        if (n < slice_end) predictor[n] = g[round] > 0.0f ? g[round] : 0.0f;  // the gate, for the mask
+      } else {
+        g[round] = n < slice_end ? load_acc(gate[n]) : 0.0f;
+      }
       ballot[round] = __ballot_sync(0xffffffffu, g[round] > 0.0f);  // NaN and −0 are inactive
       if (lane == 0) warp_counts[round * kWarps + warp] = __popc(ballot[round]);
     }
@@ -357,6 +468,33 @@ void forward_typed(const SparkFfnForwardArgs& a) {
   p.d_ff = a.d_ff;
   p.slices = int(a.slices);
   p.slice_size = int(slice_size_for(a.d_ff, a.slices));
+  const bool fused = a.k1 != 0;
+  p.predictor = fused ? reinterpret_cast<float*>(a.gate) : nullptr;
+  p.moments = reinterpret_cast<const float*>(a.moments);
+  p.tiles = int(spark_ffn_predictor_tiles(a.d_ff));
+  p.z = float(a.z);
+  if (fused) {
+    PredictorParams<T> q;
+    q.x = p.x;
+    q.k1 = reinterpret_cast<const T*>(a.k1);
+    q.predictor = p.predictor;
+    q.moments = reinterpret_cast<float*>(a.moments);
+    q.sx = a.x_row_stride;
+    q.sk1 = a.k1_row_stride;
+    q.sp = a.gate_row_stride;
+    q.tokens = a.tokens;
+    q.d_ff = a.d_ff;
+    q.r = int(a.r);
+    q.tiles = p.tiles;
+    const size_t x_bytes = sizeof(float) * size_t(kPredTokens) * size_t(a.r);
+    if (x_bytes > 40 * 1024) {   // past the default 48 KiB with the static tile and block_sum's scratch
+      allow_all_dynamic_shared_memory(reinterpret_cast<const void*>(spark_ffn_predictor_kernel<T>), a.device,
+                                      "cudaFuncSetAttribute(spark_ffn predictor shared memory)");
+    }
+    const dim3 grid(unsigned(p.tiles), unsigned((a.tokens + kPredTokens - 1) / kPredTokens));
+    spark_ffn_predictor_kernel<T><<<grid, kThreads, x_bytes, stream>>>(q);
+    check_launch("spark_ffn predictor kernel launch");
+  }
 
   // Columns move in 16-byte packs when every row of Vᵀ and of the destination shares the pack phase.
   const bool vec_cols = a.d_model % kVec == 0 && aligned(a.vt, 16) && a.vt_row_stride % kVec == 0 &&
@@ -387,10 +525,12 @@ void forward_typed(const SparkFfnForwardArgs& a) {
     kernel<<<blocks, kThreads, smem, stream>>>(p);
     check_launch("spark_ffn slice kernel launch");
   };
-  if (vec_cols) {
-    launch(spark_ffn_slice_kernel<T, true>);
+  if (fused) {
+    if (vec_cols) launch(spark_ffn_slice_kernel<T, true, true>);
+    else launch(spark_ffn_slice_kernel<T, false, true>);
   } else {
-    launch(spark_ffn_slice_kernel<T, false>);
+    if (vec_cols) launch(spark_ffn_slice_kernel<T, true, false>);
+    else launch(spark_ffn_slice_kernel<T, false, false>);
   }
 
   if (a.slices > 1) {
@@ -414,6 +554,8 @@ int64_t spark_ffn_slices(int64_t tokens, int64_t d_ff, int64_t multiprocessors) 
   return (d_ff + size - 1) / size;
 }
 
+int64_t spark_ffn_predictor_tiles(int64_t d_ff) { return d_ff <= 0 ? 0 : (d_ff + kPredNeurons - 1) / kPredNeurons; }
+
 void spark_ffn_forward(const SparkFfnForwardArgs& a) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("zigspark._C: spark_ffn: " + what); };
   if (a.dtype != int(DType::Float32) && a.dtype != int(DType::Float16) && a.dtype != int(DType::BFloat16))
@@ -432,6 +574,18 @@ void spark_ffn_forward(const SparkFfnForwardArgs& a) {
     if (!aligned(ptr, elem)) fail("a tensor's data pointer is not aligned to its element size");
   }
   if (a.partial != 0 && !aligned(a.partial, 4)) fail("partial must be float32-aligned");
+  if (a.k1 != 0) {
+    if (a.moments == 0) fail("the fused predictor (k1 set) needs the float32 moments workspace");
+    if (!aligned(a.k1, elem) || !aligned(a.gate, 4) || !aligned(a.moments, 4))
+      fail("k1 must be aligned to its element size, gate and moments (float32 workspaces) to 4 bytes");
+    if ((a.tokens + kPredTokens - 1) / kPredTokens > 65535)
+      fail("the fused predictor takes at most " + std::to_string(65535 * kPredTokens) + " tokens per call, got " +
+           std::to_string(a.tokens) + "; split the batch");
+    if (!std::isfinite(a.z)) fail("z must be finite");
+    if (a.r > kMaxFusedR)
+      fail("the fused predictor takes r ≤ " + std::to_string(kMaxFusedR) + ", got r = " + std::to_string(a.r) +
+           "; pass the gate instead (k1 = 0)");
+  }
   auto check_stride = [&](const char* name, int64_t stride, int64_t rows, int64_t width) {
     if (rows > 1 && stride < width)
       fail(std::string(name) + " row stride " + std::to_string(stride) + " is shorter than its row of " +
@@ -440,6 +594,7 @@ void spark_ffn_forward(const SparkFfnForwardArgs& a) {
   check_stride("x", a.x_row_stride, a.tokens, a.d_model);
   check_stride("gate", a.gate_row_stride, a.tokens, a.d_ff);
   check_stride("K2", a.k2_row_stride, a.d_ff, a.d_model - a.r);
+  if (a.k1 != 0) check_stride("K1", a.k1_row_stride, a.d_ff, a.r);
   check_stride("Vᵀ", a.vt_row_stride, a.d_ff, a.d_model);
   check_stride("out", a.out_row_stride, a.tokens, a.d_model);
 

@@ -14,6 +14,14 @@ struct SparkFfnForwardArgs {
   int64_t tokens = 0, d_model = 0, d_ff = 0, r = 0;
   int64_t x_row_stride = 0, gate_row_stride = 0, k2_row_stride = 0, vt_row_stride = 0, out_row_stride = 0;
   int64_t slices = 1;
+  // Fused predictor (k1 != 0): the forward first writes p = K1·x[:r] (k1: (d_ff, r), row stride k1_row_stride)
+  // into `gate`, which is then a float32 (tokens, d_ff) workspace (gate_row_stride in floats), and each token's
+  // per-tile (mean, M2) of p into `moments`, float32 (tokens, spark_ffn_predictor_tiles(d_ff), 2) contiguous;
+  // the sparse kernel thresholds p at θ = mean + z·std (population std) and leaves the gate relu(p − θ) in
+  // `gate`. With k1 == 0, `gate` is the caller's gate in the dtype of x.
+  uintptr_t k1 = 0, moments = 0;
+  int64_t k1_row_stride = 0;
+  double z = 0.0;
   int dtype = 0;
   int device = 0;
   uintptr_t stream = 0;  // cudaStream_t
@@ -22,6 +30,9 @@ struct SparkFfnForwardArgs {
 // The number of neuron slices per token the forward is meant to run with, for a GPU of `multiprocessors`
 // SMs (a pure function of its arguments: it touches no device).
 int64_t spark_ffn_slices(int64_t tokens, int64_t d_ff, int64_t multiprocessors);
+
+// Predictor tiles per token of the fused path (the middle extent of its `moments` workspace).
+int64_t spark_ffn_predictor_tiles(int64_t d_ff);
 
 void spark_ffn_forward(const SparkFfnForwardArgs& args);
 

@@ -61,13 +61,41 @@ def slices_for(tokens: int, d_ff: int, device: torch.device) -> int:
     return int(_cuda.extension().spark_ffn_slices(tokens, d_ff, sms))
 
 
+MAX_FUSED_R = 4096        # the predictor kernel stages 8 tokens' x[:r] in shared memory (csrc: kMaxFusedR)
+MAX_FUSED_TOKENS = 65535 * 8
+
+
+def fusable(tokens: int, r: int) -> bool:
+    """Whether spark_ffn_fused takes this size (otherwise: F.linear + stat_topk + spark_ffn_sparse)."""
+    return r <= MAX_FUSED_R and tokens <= MAX_FUSED_TOKENS
+
+
+def spark_ffn_fused(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, z: float, *,
+                    slices: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictor and statistical top-k fused in: -> (out (tokens, d_model), gate (tokens, d_ff) float32
+    = relu(K1·x[:r] − θ), θ = mean + z·std per token)."""
+    K1 = _rows("K1", K1)
+    tokens, d_ff, r = x.shape[0], K1.shape[0], K1.shape[1]
+    if K1.dtype != x.dtype or K1.device != x.device:
+        raise TypeError(f"spark_ffn (cuda): K1 is {K1.dtype} on {K1.device} but x is {x.dtype} on {x.device}")
+    # p, then the gate, in place; moments: scratch the predictor kernel fully writes before it is read
+    gate = new_output((tokens, d_ff), torch.float32, x.device)
+    tiles = int(_cuda.extension().spark_ffn_predictor_tiles(d_ff))
+    moments = torch.empty((tokens, tiles, 2), dtype=torch.float32, device=x.device)
+    out = spark_ffn_sparse(x, gate, K2, VT, r, slices=slices, fused=(K1, moments, float(z)))
+    return out, gate
+
+
 def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, r: int, *,
-                     slices: int | None = None) -> torch.Tensor:
-    """-> out (tokens, d_model). `slices` overrides the launch plan (tests); default: slices_for(...)."""
+                     slices: int | None = None, fused=None) -> torch.Tensor:
+    """-> out (tokens, d_model). `slices` overrides the launch plan (tests); default: slices_for(...).
+    `fused` = (K1, moments, z) makes `gate` the float32 predictor workspace of spark_ffn_fused."""
     x, gate, K2, VT = (_rows(n, t) for n, t in (("x", x), ("gate", gate), ("K2", K2), ("VT", VT)))
     if x.dtype not in DTYPES:
         raise TypeError(f"spark_ffn (cuda) takes float32, float16 or bfloat16, got {x.dtype}")
     for name, t in (("gate", gate), ("K2", K2), ("VT", VT)):
+        if name == "gate" and fused is not None:
+            continue
         if t.dtype != x.dtype:
             raise TypeError(f"spark_ffn (cuda): {name} is {t.dtype} but x is {x.dtype}; they must share one dtype")
         if t.device != x.device:
@@ -89,5 +117,7 @@ def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: 
         partial=_cuda.ptr(partial), tokens=tokens, d_model=d_model, d_ff=d_ff, r=int(r),
         x_row_stride=x.stride(0), gate_row_stride=gate.stride(0), k2_row_stride=K2.stride(0),
         vt_row_stride=VT.stride(0), out_row_stride=out.stride(0), slices=n, dtype=_cuda.dtype_code(x.dtype),
-        device=_cuda.device_index(x), stream=_cuda.stream_of(x))
+        device=_cuda.device_index(x), stream=_cuda.stream_of(x),
+        **({} if fused is None else dict(k1=_cuda.ptr(fused[0]), moments=_cuda.ptr(fused[1]),
+                                         k1_row_stride=fused[0].stride(0), z=fused[2])))
     return out

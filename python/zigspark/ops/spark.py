@@ -26,7 +26,12 @@ gathers them per token; Triton (triton_kernels/spark_ffn.py) masks inactive K2 r
 its loads; CUDA (csrc/spark_ffn) compacts each token's active neurons per slice of d_ff with warp ballots,
 gives each active neuron a warp for its K2 dot product (16-byte loads) and adds a·Vᵀ_i in fixed order, so
 it reads only the active rows and is deterministic. Both kernels read a Vᵀ copy cached until V changes.
-The sparse path is the custom op ``zigspark::spark_ffn_sparse`` (no autograd: it is for inference).
+Both also fuse the predictor and the threshold in: a predictor kernel writes p in float32 with each
+token's mean and M2 per tile of neurons, and the sparse kernel merges those into θ and thresholds its own
+neurons, so stat_topk costs no launch and the gate no round trip (CUDA up to r = 4096, beyond which it
+takes F.linear + stat_topk). The sparse path is the custom op ``zigspark::spark_ffn_infer`` (x and the
+weights -> out and the mask; no autograd: it is for inference); ``zigspark::spark_ffn_sparse`` is its
+second half, for a caller that holds the gate already.
 
 Spark attention is registered as ``zigspark::spark_attention_fwd`` (→ out, lse of the kept predictor
 scores, θ, kept counts) and ``zigspark::spark_attention_bwd`` (→ dq, dk, dv; the mask carries no
@@ -46,7 +51,7 @@ import torch.nn.functional as F
 from .. import backends
 from ..reference import spark_attention as ref_attn
 from ..validation import check_float_tensor, check_int, check_same_device, is_finite_real, last_dim_contiguous
-from .stat_topk import stat_topk
+from .stat_topk import stat_topk, stat_topk_fwd, survivor_quantile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256  # the Triton kernels' widest tile
@@ -88,18 +93,49 @@ def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, ba
     """
     device, r = _check_ffn(x, K1, K2, V, density)
     chosen = backends.resolve("spark_ffn", backend, device, x.dtype, size=x.numel() // max(1, x.shape[-1]))
-    predictor = F.linear(x[..., :r], K1)
+    d_ff = K1.shape[0]
+    if sparse:
+        with torch.no_grad():
+            out, mask = spark_ffn_infer(x.reshape(-1, x.shape[-1]).contiguous(), K1, K2, V,
+                                        survivor_quantile(d_ff, density=density), return_mask, chosen)
+        out = out.reshape(x.shape)
+        return (out, mask.reshape(*x.shape[:-1], d_ff)) if return_mask else out
     # backend='reference' is PyTorch throughout (the tests' oracle); otherwise the threshold takes the best
     # stat_topk kernel here
-    gate, mask = stat_topk(predictor, density=density, return_mask=True,
+    gate, mask = stat_topk(F.linear(x[..., :r], K1), density=density, return_mask=True,
                            backend="reference" if chosen == "reference" else "auto")
-    if not sparse:
-        out = F.linear(F.gelu(gate) * F.linear(x[..., r:], K2), V)
-        return (out, mask) if return_mask else out
-    with torch.no_grad():
-        out = spark_ffn_sparse(x.reshape(-1, x.shape[-1]).contiguous(), gate.reshape(-1, K1.shape[0]).contiguous(),
-                               K2, V, r, chosen).reshape(x.shape)
+    out = F.linear(F.gelu(gate) * F.linear(x[..., r:], K2), V)
     return (out, mask) if return_mask else out
+
+
+@torch.library.custom_op("zigspark::spark_ffn_infer", mutates_args=())
+def spark_ffn_infer(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, V: torch.Tensor, z: float,
+                    need_mask: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse inference from x (tokens, d_model): (out (tokens, d_model), mask (tokens, d_ff) of the active
+    neurons, or an empty mask unless need_mask), with θ = mean + z·std of each token's predictor. Triton
+    and CUDA fuse the predictor and the threshold into their sparse kernels (no stat_topk launch, no gate
+    round trip; CUDA up to r = 4096); the reference computes the predictor with F.linear, the gate with
+    stat_topk, then spark_ffn_sparse."""
+    r = K1.shape[1]
+    from ..cuda_ops import spark_ffn as cuda_ffn   # also Vᵀ cached across calls, not copied each time
+
+    if backend == "triton":
+        from ..triton_kernels.spark_ffn import spark_ffn_fused
+
+        out, gate = spark_ffn_fused(x, K1.contiguous(), K2.contiguous(), cuda_ffn.transposed(V).contiguous(), z)
+    elif backend == "cuda" and cuda_ffn.fusable(x.shape[0], r):
+        out, gate = cuda_ffn.spark_ffn_fused(x, K1, K2, cuda_ffn.transposed(V), z)
+    else:
+        gate = stat_topk_fwd(F.linear(x[:, :r], K1), z, False, "reference" if backend == "reference" else
+                             backends.resolve("stat_topk", "auto", x.device, x.dtype, size=K1.shape[0]))[0]
+        out = spark_ffn_sparse(x, gate, K2, V, r, backend)
+    return out, (gate > 0) if need_mask else gate.new_empty((0,), dtype=torch.bool)
+
+
+@spark_ffn_infer.register_fake
+def _(x, K1, K2, V, z, need_mask, backend):
+    mask_shape = (x.shape[0], K1.shape[0]) if need_mask else (0,)
+    return torch.empty_like(x), x.new_empty(mask_shape, dtype=torch.bool)
 
 
 @torch.library.custom_op("zigspark::spark_ffn_sparse", mutates_args=())
