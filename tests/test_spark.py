@@ -188,10 +188,11 @@ def fused_ffn_case(tokens, d, f, r, density, dtype, device, seed=0):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tokens, d, f, r", [(1, 24, 40, 5), (19, 48, 333, 20), (2, 100, 130, 70)])
+@pytest.mark.parametrize("tokens, d, f, r", [(1, 24, 40, 5), (19, 48, 333, 20), (2, 100, 130, 70), (70, 24, 40, 5)])
 def test_triton_fused_sparse_ffn_thresholds_inside_the_kernels(triton_device, dtype, tokens, d, f, r):
-    """Decode (1 token: a padded token tile), two token tiles (19), d_ff below one predictor tile (40) and
-    with a ragged last tile (333, 130), a predictor width over one k block (70). Not bfloat16 here: the
+    """Decode (1 token: a padded 16-token tile), a padded 32-token tile (19), two 64-token tiles (70), d_ff
+    below one predictor tile (40) and with a ragged last tile (333, 130), a predictor width over one k block
+    (70). Not bfloat16 here: the
     interpreter's tl.dot returns garbage for bfloat16 operands (the gpu tier covers it)."""
     fused_ffn_case(tokens, d, f, r, 0.1, dtype, triton_device)
 

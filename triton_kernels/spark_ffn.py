@@ -11,7 +11,7 @@ Rows of K2 and of Vᵀ belonging to inactive neurons are masked out of the loads
 with the density instead of with d_ff — the point of Spark's decode speedup.
 
 θ needs every p of the token, which a grid of independent programs cannot share within a launch, so the
-statistics are split: kernel 1 computes a tile of tokens × neurons of p and writes, beside it, each
+statistics are split: kernel 1 computes a tile of tokens (16–64) × 64 neurons of p and writes, beside it, each
 token's exact mean and M2 over the tile's neurons; kernel 2 merges a token's tile moments (total mean
 = count-weighted mean of the tile means, M2 = Σ M2_tile + Σ count·(mean_tile − mean)², no cancellation),
 thresholds its own neurons and goes on to their dot products. That fuses the predictor and the statistical
@@ -28,7 +28,8 @@ from .._alloc import new_output, new_output_like
 from .attention import _dot
 from .stat_topk import _div, _sqrt
 
-PREDICTOR_BLOCK_T = 16   # tokens per predictor tile: tl.dot's smallest M (a decode batch of 1 pads to it)
+PREDICTOR_MAX_T = 64     # tokens per predictor tile: 16 (tl.dot's smallest M; decode pads to it) to 64, so
+                         # that a prefill batch reads K1 once per 64 tokens rather than per 16
 PREDICTOR_BLOCK_F = 64   # neurons per predictor tile: one partial moment pair per token and tile
 
 
@@ -155,9 +156,10 @@ def spark_ffn_fused(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, VT: tor
     tiles = triton.cdiv(d_ff, PREDICTOR_BLOCK_F)
     moments = new_output((tokens, tiles, 2), torch.float32, x.device)
     if tokens:
-        _predictor_kernel[(triton.cdiv(tokens, PREDICTOR_BLOCK_T), tiles)](
+        block_t = min(PREDICTOR_MAX_T, max(16, triton.next_power_of_2(tokens)))
+        _predictor_kernel[(triton.cdiv(tokens, block_t), tiles)](
             x, K1, gate, moments, tokens, r, d_ff, x.stride(0), K1.stride(0), gate.stride(0), moments.stride(0),
-            BLOCK_T=PREDICTOR_BLOCK_T, BLOCK_F=PREDICTOR_BLOCK_F, BLOCK_R=min(64, max(16, triton.next_power_of_2(r))),
+            BLOCK_T=block_t, BLOCK_F=PREDICTOR_BLOCK_F, BLOCK_R=min(64, max(16, triton.next_power_of_2(r))),
             IEEE=x.dtype == torch.float32)
         return _active_and_project(x, gate, moments, K2, VT, r, z, threshold=True), gate
     return new_output_like(x), gate

@@ -62,11 +62,17 @@ def slices_for(tokens: int, d_ff: int, device: torch.device) -> int:
 
 
 MAX_FUSED_R = 4096        # the predictor kernel stages 8 tokens' x[:r] in shared memory (csrc: kMaxFusedR)
-MAX_FUSED_TOKENS = 65535 * 8
+# The CUDA predictor runs on CUDA cores, one shared-memory read of x per multiply-add: at d_ff 16384, r 256
+# on an H100 its arithmetic (~0.1–0.5 µs per token) overtakes the ~2.5 µs of reading K1 somewhere between 5
+# and 20 tokens, while F.linear's tensor cores stay bound by the read. So decode batches fuse, larger ones
+# take F.linear + stat_topk + the sparse kernel. An estimate, not a measurement: bench_spark's "unfused"
+# rows are what should move it.
+MAX_FUSED_TOKENS = 16
 
 
 def fusable(tokens: int, r: int) -> bool:
-    """Whether spark_ffn_fused takes this size (otherwise: F.linear + stat_topk + spark_ffn_sparse)."""
+    """Whether the cuda backend fuses the predictor at this size (otherwise: F.linear + stat_topk +
+    spark_ffn_sparse)."""
     return r <= MAX_FUSED_R and tokens <= MAX_FUSED_TOKENS
 
 

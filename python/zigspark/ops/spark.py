@@ -28,8 +28,8 @@ gives each active neuron a warp for its K2 dot product (16-byte loads) and adds 
 it reads only the active rows and is deterministic. Both kernels read a Vᵀ copy cached until V changes.
 Both also fuse the predictor and the threshold in: a predictor kernel writes p in float32 with each
 token's mean and M2 per tile of neurons, and the sparse kernel merges those into θ and thresholds its own
-neurons, so stat_topk costs no launch and the gate no round trip (CUDA up to r = 4096, beyond which it
-takes F.linear + stat_topk). The sparse path is the custom op ``zigspark::spark_ffn_infer`` (x and the
+neurons, so stat_topk costs no launch and the gate no round trip (CUDA for decode batches of up to 16
+tokens and r ≤ 4096; larger ones take F.linear + stat_topk, see cuda_ops/spark_ffn.py). The sparse path is the custom op ``zigspark::spark_ffn_infer`` (x and the
 weights -> out and the mask; no autograd: it is for inference); ``zigspark::spark_ffn_sparse`` is its
 second half, for a caller that holds the gate already.
 
@@ -114,7 +114,7 @@ def spark_ffn_infer(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, V: torc
     """Sparse inference from x (tokens, d_model): (out (tokens, d_model), mask (tokens, d_ff) of the active
     neurons, or an empty mask unless need_mask), with θ = mean + z·std of each token's predictor. Triton
     and CUDA fuse the predictor and the threshold into their sparse kernels (no stat_topk launch, no gate
-    round trip; CUDA up to r = 4096); the reference computes the predictor with F.linear, the gate with
+    round trip; CUDA for up to 16 tokens and r ≤ 4096, else unfused); the reference computes the predictor with F.linear, the gate with
     stat_topk, then spark_ffn_sparse."""
     r = K1.shape[1]
     from ..cuda_ops import spark_ffn as cuda_ffn   # also Vᵀ cached across calls, not copied each time
