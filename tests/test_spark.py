@@ -84,10 +84,15 @@ def test_spark_ffn_module_paths_and_dense_equivalent():
 def test_spark_ffn_bad_inputs():
     K1, K2, V = ffn_params()
     x = torch.randn(2, 32, dtype=torch.float64)
-    for density in (1.0, 0.0, -0.1, float("nan"), True, "0.1"):
-        with pytest.raises(ValueError, match=r"density must be a number in the open interval \(0, 1\)"):
+    for density in (1.0, 0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"spark_ffn: density must be in the open interval \(0, 1\)"):
             zigspark.spark_ffn(x, K1, K2, V, density)
-        with pytest.raises(ValueError, match=r"density must be a number in the open interval"):
+        with pytest.raises(ValueError, match=r"SparkFFN: density must be in the open interval"):
+            SparkFFN(32, 64, density=density)
+    for density in (True, "0.1", None):
+        with pytest.raises(TypeError, match=r"spark_ffn: density must be a float in the open interval"):
+            zigspark.spark_ffn(x, K1, K2, V, density)
+        with pytest.raises(TypeError, match=r"SparkFFN: density must be a float"):
             SparkFFN(32, 64, density=density)
     with pytest.raises(ValueError, match=r"K2 must be \(d_ff, d_model − r\)"):
         zigspark.spark_ffn(x, K1, K2[:, :5], V, 0.1)

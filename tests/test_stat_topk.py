@@ -190,6 +190,8 @@ def test_survivor_fraction_property(d, density, seed):
     (dict(density=1.0), ValueError, r"open interval"),
     (dict(density=float("nan")), ValueError, r"open interval"),
     (dict(density="0.1"), TypeError, r"density must be a float"),
+    (dict(density=True), TypeError, r"density must be a float"),
+    (dict(density=float("inf")), ValueError, r"open interval"),
     (dict(k=2, dim=2), ValueError, r"dim=2 is out of range .* 2 dimensions"),
     (dict(k=2, dim=-3), ValueError, r"out of range"),
     (dict(k=2, dim=1.0), TypeError, r"dim must be an int"),

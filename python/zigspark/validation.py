@@ -53,6 +53,17 @@ def is_finite_real(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
+def check_density(density, op: str) -> float:
+    """The fraction of values kept (stat_topk, Spark FFN): a real number strictly between 0 and 1."""
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"{op}: density must be a float in the open interval (0, 1), got "
+                        f"{type(density).__name__} {density!r}")
+    if not (math.isfinite(density) and 0.0 < density < 1.0):
+        raise ValueError(f"{op}: density must be in the open interval (0, 1) (Spark Transformer uses 0.08), "
+                         f"got {density!r}")
+    return float(density)
+
+
 def check_int(name: str, value, minimum: int, *, optional: bool = False) -> int | None:
     """`value` as an int >= minimum (bools are not ints); None passes when `optional`."""
     if value is None and optional:

@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from ..ops.spark import check_attention_sizes, check_density, spark_attention, spark_ffn
+from ..ops.spark import check_attention_sizes, spark_attention, spark_ffn
+from ..validation import check_density
 
 
 class SparkFFN(nn.Module):
@@ -30,7 +31,7 @@ class SparkFFN(nn.Module):
         self.r = d_model // 4 if predictor_dim is None else predictor_dim
         if not 0 < self.r < d_model:
             raise ValueError(f"predictor_dim must satisfy 0 < r < d_model = {d_model}, got {self.r}")
-        check_density(density)
+        check_density(density, "SparkFFN")
         self.d_model, self.d_ff, self.density = d_model, d_ff, density
         self.sparse_inference, self.backend = sparse_inference, backend
         bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)

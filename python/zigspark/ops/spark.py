@@ -50,7 +50,8 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..reference import spark_attention as ref_attn
-from ..validation import check_float_tensor, check_int, check_same_device, is_finite_real, last_dim_contiguous
+from ..validation import (check_density, check_float_tensor, check_int, check_same_device, is_finite_real,
+                          last_dim_contiguous)
 from .stat_topk import stat_topk, stat_topk_fwd, survivor_quantile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -73,15 +74,10 @@ def _check_ffn(x, K1, K2, V, density):
         raise ValueError(f"K2 must be (d_ff, d_model − r) = ({d_ff}, {d - r}), got {tuple(K2.shape)}")
     if V.shape != (d, d_ff):
         raise ValueError(f"V must be (d_model, d_ff) = ({d}, {d_ff}), got {tuple(V.shape)}")
-    check_density(density)
+    check_density(density, "spark_ffn")
     return check_same_device(x=x, K1=K1, K2=K2, V=V), r
 
 
-def check_density(density) -> None:
-    """The fraction of active neurons: a real number strictly between 0 and 1."""
-    if not is_finite_real(density) or not 0.0 < density < 1.0:
-        raise ValueError(f"density must be a number in the open interval (0, 1) (the paper uses 0.08), "
-                         f"got {density!r}")
 
 
 def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, backend="auto"):

@@ -14,7 +14,6 @@ autograd registered), so ``torch.compile(fullgraph=True)`` and ``torch.library.o
 
 from __future__ import annotations
 
-import math
 import numbers
 import statistics
 
@@ -23,7 +22,7 @@ import torch
 from .. import backends
 from .._alloc import new_output
 from ..reference import stat_topk as ref
-from ..validation import check_dim, check_float_tensor, last_dim_contiguous
+from ..validation import check_density, check_dim, check_float_tensor, last_dim_contiguous
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 backends.register_op("stat_topk", {"reference": _DTYPES, "triton": _DTYPES, "cuda": _DTYPES}, size_key="d")
@@ -46,11 +45,7 @@ def survivor_quantile(d: int, k=None, density=None) -> float:
             raise ValueError(f"stat_topk: k must satisfy 1 <= k < d = {d} (the size of dim), got k={k}")
         fraction = int(k) / d
     else:
-        if isinstance(density, bool) or not isinstance(density, numbers.Real):
-            raise TypeError(f"stat_topk: density must be a float in (0, 1), got {type(density).__name__}")
-        if not (0.0 < float(density) < 1.0) or math.isnan(float(density)):
-            raise ValueError(f"stat_topk: density must be in the open interval (0, 1), got {density}")
-        fraction = float(density)
+        fraction = check_density(density, "stat_topk")
     return _normal_quantile(1.0 - fraction)
 
 
