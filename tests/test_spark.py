@@ -211,6 +211,22 @@ def test_triton_fused_sparse_ffn_density_and_constant_predictor(triton_device):
     x[:, 4:] = 1.0                         # p = 0 for every neuron: σ = 0, nothing exceeds θ, as the reference
     out, mask = zigspark.spark_ffn(x, K1, K2, V, 0.1, sparse=True, return_mask=True, backend="triton")
     assert not mask.any() and torch.equal(out, torch.zeros_like(out))
+    check_constant_predictor(triton_device, "triton")
+
+
+def check_constant_predictor(device, backend):
+    """Identical K1 rows: p is one nonzero constant per token, whose float32 tile means round away from it,
+    so the merged std comes out at rounding level rather than 0. At densities where z is small (or
+    negative) a rounding-level θ would sit below the constant and switch every neuron on; the reference's
+    σ is exactly 0 and switches none."""
+    K1, K2, V = (t.float().to(device) for t in ffn_params(d=24, f=150, r=6, seed=4))   # last tile: 22
+    K1 = K1[:1].expand_as(K1).contiguous() * 3.7
+    x = torch.randn(12, 24, generator=torch.Generator().manual_seed(5)).to(device)
+    for density in (0.08, 0.45, 0.6):
+        _, ref_mask = zigspark.spark_ffn(x, K1, K2, V, density, return_mask=True, backend="reference")
+        out, mask = zigspark.spark_ffn(x, K1, K2, V, density, sparse=True, return_mask=True, backend=backend)
+        assert not ref_mask.any() and not mask.any(), f"density {density}: {mask.sum().item()} neurons on"
+        assert torch.equal(out, torch.zeros_like(out))
 
 
 @pytest.mark.gpu

@@ -100,9 +100,29 @@ def test_emulated_cuda_sparse_ffn_strided_weights(dtype):
 
 @pytest.mark.emulate
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-@pytest.mark.parametrize("tokens, slices", [(9, None), (3, 1), (17, 3)])
+@pytest.mark.parametrize("tokens, slices", [(9, None), (3, 1), (17, 3), (2, None), (1, 2)])
 def test_emulated_cuda_fused_predictor(tokens, slices, dtype):
     check_fused_predictor("cpu", 130, 33, tokens, slices, dtype)
+
+
+@pytest.mark.emulate
+def test_emulated_cuda_fused_predictor_constant_and_dispatch():
+    """A constant nonzero predictor switches no neuron on (as the reference); the op picks the fused kernels
+    for decode batches only, and passes opcheck either way."""
+    from test_spark import check_constant_predictor, ffn_params
+
+    check_constant_predictor("cpu", "cuda")
+    cpu = torch.device("cpu")
+    assert cuda_ffn.fusable(16, 4096, cpu) and not cuda_ffn.fusable(17, 256, cpu)
+    assert not cuda_ffn.fusable(1, 4097, cpu)
+    K1, K2, V = (t.float() for t in ffn_params(d=40, f=150, r=9))
+    for tokens in (3, 20):                      # fused, then F.linear + stat_topk + the sparse kernel
+        x = torch.randn(tokens, 40)
+        torch.library.opcheck(torch.ops.zigspark.spark_ffn_infer.default, (x, K1, K2, V, 1.28, True, "cuda"))
+        out, mask = torch.ops.zigspark.spark_ffn_infer(x, K1, K2, V, 1.28, True, "cuda")
+        ref, ref_mask = torch.ops.zigspark.spark_ffn_infer(x, K1, K2, V, 1.28, True, "reference")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert (mask != ref_mask).sum() <= 1
 
 
 def check_fused_predictor(device, d, r, tokens, slices, dtype):
@@ -278,7 +298,6 @@ def test_spark_ffn_validates_before_launch(C):
         C.spark_ffn_forward(**dict(fused, moments=256, d_model=5000, r=4100, x_row_stride=5000, k1_row_stride=4100,
                                    k2_row_stride=900, vt_row_stride=5000, out_row_stride=5000))
     assert C.spark_ffn_predictor_tiles(1) == 1 and C.spark_ffn_predictor_tiles(130) == 3
-    assert not cuda_ffn.fusable(1, 4097) and cuda_ffn.fusable(1, 4096)
 
 
 @pytest.mark.build

@@ -31,6 +31,8 @@ from .stat_topk import _div, _sqrt
 PREDICTOR_MAX_T = 64     # tokens per predictor tile: 16 (tl.dot's smallest M; decode pads to it) to 64, so
                          # that a prefill batch reads K1 once per 64 tokens rather than per 16
 PREDICTOR_BLOCK_F = 64   # neurons per predictor tile: one partial moment pair per token and tile
+# std ≤ this·|mean| counts as σ = 0: the tile means and M2 carry float32 rounding of ~16 ulp of the mean.
+CONSTANT_SPREAD = tl.constexpr(1.0 / 65536)  # a constexpr global, so jit code may read it
 
 
 @triton.jit
@@ -78,7 +80,10 @@ def _threshold(MOM, t, sm_t, d_ff, z, TILES: tl.constexpr, BLOCK_F: tl.constexpr
     mean = _div(tl.sum(count * means, axis=0), n, tl.float32)
     spread = tl.where(ok, means - mean, 0.0)
     m2 = tl.sum(m2s, axis=0) + tl.sum(count * spread * spread, axis=0)
-    return mean + z * _sqrt(_div(m2, n, tl.float32), tl.float32)
+    std = _sqrt(_div(m2, n, tl.float32), tl.float32)
+    # A spread at the level of float32 rounding of the mean is a constant predictor (σ = 0, as the reference
+    # computes it exactly): nothing is active, rather than a rounding-level θ below the constant.
+    return tl.where(std <= CONSTANT_SPREAD * tl.abs(mean), float("inf"), mean + z * std)
 
 
 @triton.jit

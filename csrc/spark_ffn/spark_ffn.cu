@@ -45,14 +45,15 @@
 // are bit-reproducible per GPU model, not across models.
 //
 // The fused predictor. θ needs all of a token's p, which independent blocks cannot share within a launch, so
-// it is split across the two launches: the predictor kernel computes p for a tile of 8 tokens × 64 neurons
-// (block of 8 warps; each warp takes 8 neurons, its lanes stride over r with the 8 tokens' x[:r] staged in
-// shared memory, so each K1 row is read once per 8 tokens) and writes p in float32 with each token's exact
-// mean and M2 over the tile; the slice kernel first merges its token's tile moments (mean = count-weighted
-// mean of the tile means, M2 = Σ M2_tile + Σ count·(mean_tile − mean)²: no cancellation, fixed order) into θ,
-// then compacts on p − θ and writes the gate over p for the caller's mask. That saves stat_topk's launch
-// and its read and write of the gate; K1 is read once per 8 tokens, which is what decode needs (a prefill
-// batch would want a tensor-core GEMM for the predictor: see the note in spark_ffn_forward).
+// it is split across the two launches: the predictor kernel computes p for a tile of NT ≤ 8 tokens × 64
+// neurons (block of 8 warps; each warp takes 8 neurons, its lanes stride over r in 16-byte packs of K1 with
+// the NT tokens' x[:r] staged in shared memory, so each K1 row is read once per NT tokens) and writes p in
+// float32 with each token's exact mean and M2 over the tile; the slice kernel first merges its token's tile
+// moments (mean = count-weighted mean of the tile means, M2 = Σ M2_tile + Σ count·(mean_tile − mean)²: no
+// cancellation, fixed order) into θ, then compacts on p − θ and writes the gate over p for the caller's
+// mask. That saves stat_topk's launch and its read and write of the gate. The predictor runs on CUDA cores,
+// which suits decode; at prefill a tensor-core GEMM does it better, so the Python side fuses only small
+// batches (cuda_ops/spark_ffn.py).
 //
 // Shared-memory handoffs per chunk, each behind one __syncthreads in block-uniform code: counts → offsets,
 // list (indices, gates) → dot products, a values → accumulation; the next chunk rewrites the list only after
@@ -95,8 +96,10 @@ constexpr int kMinSlice = 128;                // fewer neurons per block leave m
 constexpr int kBlocksPerSm = 4;
 constexpr int kReduceThreads = 256;
 constexpr int kPredNeurons = 64;              // neurons per predictor tile: one (mean, M2) per token and tile
-constexpr int kPredTokens = kWarps;           // tokens per predictor tile: warp w reduces token w's moments
+constexpr int kPredTokens = kWarps;           // most tokens per predictor tile: warp w reduces token w's moments
 constexpr int kMaxFusedR = 4096;              // the tile's x[:r] in shared memory: 8·4096 floats = 128 KiB
+// std ≤ this·|mean| counts as σ = 0: the tile means and M2 carry float32 rounding of ~16 ulp of the mean.
+constexpr float kConstantSpread = 1.0f / 65536;
 // The slice kernel's static shared memory: the list and the counts.
 constexpr size_t kStaticSmemBytes = kChunk * (sizeof(int) + sizeof(float)) + kRounds * kWarps * sizeof(int);
 
@@ -248,30 +251,55 @@ __device__ __forceinline__ void accumulate_rows(const T* __restrict__ vt, int64_
 
 // ---- the fused predictor ---------------------------------------------------------------------------
 
-template <typename T>
+// This lane's share of row·x_t for the NT tokens: acc[tok] += Σ_k row[k]·x_s[tok·r + k] over k = lane, lane + 32,
+// ... (scalar loads), or over 16-byte packs of k when kVec (row 16-byte aligned, r a multiple of the pack).
+template <typename T, int NT, bool kVec>
+__device__ __forceinline__ void predictor_dot_lane(const T* __restrict__ row, const float* __restrict__ x_s, int r,
+                                                   int lane, float (&acc)[NT]) {
+  constexpr int VEC = kVec ? 16 / int(sizeof(T)) : 1;
+  auto fma_pack = [&](const Pack<T, VEC>& w, int k) {
+#pragma unroll
+    for (int tok = 0; tok < NT; ++tok) {
+      float xv[VEC];
+      load_shared<VEC, true>(x_s + tok * r + k, xv);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[tok] = fmaf(load_acc(w.v[e]), xv[e], acc[tok]);
+    }
+  };
+  const int packs = r / VEC;
+  int pk = lane;
+  for (; pk + 32 * (kUnroll - 1) < packs; pk += 32 * kUnroll) {  // kUnroll loads in flight per lane
+    Pack<T, VEC> w[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) w[u] = load_readonly<T, VEC>(row + (pk + 32 * u) * VEC);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) fma_pack(w[u], (pk + 32 * u) * VEC);
+  }
+#pragma unroll 1
+  for (; pk < packs; pk += 32) fma_pack(load_readonly<T, VEC>(row + pk * VEC), pk * VEC);
+}
+
+// NT = tokens per block (1, 2, 4 or 8: the batch rounded up to a power of two, at most 8), so that a decode
+// step of one token does one multiply-add per weight, not eight.
+template <typename T, int NT, bool kVec>
 __global__ void __launch_bounds__(kThreads) spark_ffn_predictor_kernel(const PredictorParams<T> p) {
-  extern __shared__ __align__(16) float x_s[];       // (kPredTokens, r): the tile's x[:r] in float32
-  __shared__ float p_s[kPredTokens][kPredNeurons];   // the tile's p, for its moments
+  static_assert(NT <= kWarps, "warp w reduces token w's moments");
+  extern __shared__ __align__(16) float x_s[];   // (NT, r): the tile's x[:r] in float32
+  __shared__ float p_s[NT][kPredNeurons];        // the tile's p, for its moments
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t t0 = int64_t(blockIdx.y) * kPredTokens, n0 = int64_t(blockIdx.x) * kPredNeurons;
-  const int tokens_here = int(min(int64_t(kPredTokens), p.tokens - t0));
+  const int64_t t0 = int64_t(blockIdx.y) * NT, n0 = int64_t(blockIdx.x) * kPredNeurons;
+  const int tokens_here = int(min(int64_t(NT), p.tokens - t0));
   const int neurons_here = int(min(int64_t(kPredNeurons), p.d_ff - n0));
-  for (int e = tid; e < kPredTokens * p.r; e += kThreads) {
+  for (int e = tid; e < NT * p.r; e += kThreads) {
     const int tok = e / p.r, k = e - tok * p.r;
     x_s[e] = tok < tokens_here ? load_acc(p.x[(t0 + tok) * p.sx + k]) : 0.0f;  // absent tokens: zeros
   }
   __syncthreads();
   for (int j = warp; j < neurons_here; j += kWarps) {  // warp-uniform bound: whole warps reach warp_sum
-    const T* row = p.k1 + (n0 + j) * p.sk1;
-    float acc[kPredTokens] = {};
-#pragma unroll 4
-    for (int k = lane; k < p.r; k += 32) {             // consecutive lanes, consecutive k: coalesced
-      const float w = load_acc(row[k]);
+    float acc[NT] = {};
+    predictor_dot_lane<T, NT, kVec>(p.k1 + (n0 + j) * p.sk1, x_s, p.r, lane, acc);
 #pragma unroll
-      for (int tok = 0; tok < kPredTokens; ++tok) acc[tok] = fmaf(w, x_s[tok * p.r + k], acc[tok]);
-    }
-#pragma unroll
-    for (int tok = 0; tok < kPredTokens; ++tok) {
+    for (int tok = 0; tok < NT; ++tok) {
       const float dot = warp_sum(acc[tok]);
       if (lane == 0) p_s[tok][j] = dot;
     }
@@ -315,7 +343,10 @@ __device__ float token_threshold(const float* __restrict__ moments, int tiles, i
     const float spread = moments[2 * i] - mean;
     m2 += fmaf(count(i) * spread, spread, moments[2 * i + 1]);
   }
-  return fmaf(z, sqrtf(block_sum(m2) / n), mean);
+  const float std = sqrtf(block_sum(m2) / n);
+  // A spread at the level of float32 rounding of the mean is a constant predictor (σ = 0, as the reference
+  // computes it exactly): nothing is active, rather than a rounding-level θ below the constant.
+  return std <= kConstantSpread * fabsf(mean) ? INFINITY : fmaf(z, std, mean);
 }
 
 // ---- the slice kernel: steps 1–4 for one (token, slice) ---------------------------------------------
@@ -486,13 +517,38 @@ void forward_typed(const SparkFfnForwardArgs& a) {
     q.d_ff = a.d_ff;
     q.r = int(a.r);
     q.tiles = p.tiles;
-    const size_t x_bytes = sizeof(float) * size_t(kPredTokens) * size_t(a.r);
-    if (x_bytes > 40 * 1024) {   // past the default 48 KiB with the static tile and block_sum's scratch
-      allow_all_dynamic_shared_memory(reinterpret_cast<const void*>(spark_ffn_predictor_kernel<T>), a.device,
-                                      "cudaFuncSetAttribute(spark_ffn predictor shared memory)");
-    }
-    const dim3 grid(unsigned(p.tiles), unsigned((a.tokens + kPredTokens - 1) / kPredTokens));
-    spark_ffn_predictor_kernel<T><<<grid, kThreads, x_bytes, stream>>>(q);
+    const int nt = a.tokens > 4 ? 8 : a.tokens > 2 ? 4 : int(a.tokens);
+    const size_t x_bytes = sizeof(float) * size_t(nt) * size_t(a.r);
+    const bool vec = a.r % kVec == 0 && aligned(a.k1, 16) && a.k1_row_stride % kVec == 0;
+    const dim3 grid(unsigned(p.tiles), unsigned((a.tokens + nt - 1) / nt));
+    auto launch_predictor = [&](auto kernel) {
+      if (x_bytes > 40 * 1024) {  // past the default 48 KiB with the static p tile
+        cudaFuncAttributes attr;
+        cuda_check(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)),
+                   "cudaFuncGetAttributes(spark_ffn predictor)");
+        int optin = 0;
+        cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.device),
+                   "cudaDeviceGetAttribute(shared memory per block)");
+        if (x_bytes + attr.sharedSizeBytes > size_t(optin)) {
+          throw std::invalid_argument("zigspark._C: spark_ffn: the fused predictor at r = " + std::to_string(a.r) +
+                                      " needs " + std::to_string(x_bytes + attr.sharedSizeBytes) +
+                                      " bytes of shared memory per block, more than this GPU's " +
+                                      std::to_string(optin) + "; pass the gate instead (k1 = 0)");
+        }
+        allow_all_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), a.device,
+                                        "cudaFuncSetAttribute(spark_ffn predictor shared memory)");
+      }
+      kernel<<<grid, kThreads, x_bytes, stream>>>(q);
+    };
+    auto by_tokens = [&](auto vec_tag) {
+      constexpr bool V = decltype(vec_tag)::value;
+      if (nt == 1) launch_predictor(spark_ffn_predictor_kernel<T, 1, V>);
+      else if (nt == 2) launch_predictor(spark_ffn_predictor_kernel<T, 2, V>);
+      else if (nt == 4) launch_predictor(spark_ffn_predictor_kernel<T, 4, V>);
+      else launch_predictor(spark_ffn_predictor_kernel<T, 8, V>);
+    };
+    if (vec) by_tokens(std::true_type{});
+    else by_tokens(std::false_type{});
     check_launch("spark_ffn predictor kernel launch");
   }
 

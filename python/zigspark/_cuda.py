@@ -6,6 +6,7 @@ and the stream handle. Everything torch-specific (validation, allocation, stream
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -119,6 +120,19 @@ def stream_of(t: torch.Tensor) -> int:
     if _on_emulator(t.device):
         return 0  # the emulator runs every launch synchronously
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def _optin_bytes(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def shared_memory_optin(device: torch.device) -> int:
+    """Bytes of shared memory a block may opt in to on `device` (the emulator models an H100: 227 KiB)."""
+    if _on_emulator(device):
+        return 227 * 1024
+    return _optin_bytes(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def multiprocessor_count(device: torch.device) -> int:

@@ -29,7 +29,11 @@ it reads only the active rows and is deterministic. Both kernels read a Vᵀ cop
 Both also fuse the predictor and the threshold in: a predictor kernel writes p in float32 with each
 token's mean and M2 per tile of neurons, and the sparse kernel merges those into θ and thresholds its own
 neurons, so stat_topk costs no launch and the gate no round trip (CUDA for decode batches of up to 16
-tokens and r ≤ 4096; larger ones take F.linear + stat_topk, see cuda_ops/spark_ffn.py). The sparse path is the custom op ``zigspark::spark_ffn_infer`` (x and the
+tokens and r ≤ 4096; larger ones take F.linear + stat_topk, see cuda_ops/spark_ffn.py). The fused p stays
+float32 where the dense path rounds it to x's dtype, so in fp16/bf16 a neuron within rounding of θ may
+differ between the two; a std below 2⁻¹⁶·|mean| counts as σ = 0 (nothing active, as stat_topk does for a
+constant row, whose float32 tile means would otherwise leave a rounding-level σ); a NaN predictor value
+is an inactive neuron. The sparse path is the custom op ``zigspark::spark_ffn_infer`` (x and the
 weights -> out and the mask; no autograd: it is for inference); ``zigspark::spark_ffn_sparse`` is its
 second half, for a caller that holds the gate already.
 
@@ -119,7 +123,7 @@ def spark_ffn_infer(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, V: torc
         from ..triton_kernels.spark_ffn import spark_ffn_fused
 
         out, gate = spark_ffn_fused(x, K1.contiguous(), K2.contiguous(), cuda_ffn.transposed(V).contiguous(), z)
-    elif backend == "cuda" and cuda_ffn.fusable(x.shape[0], r):
+    elif backend == "cuda" and cuda_ffn.fusable(x.shape[0], r, x.device):
         out, gate = cuda_ffn.spark_ffn_fused(x, K1, K2, cuda_ffn.transposed(V), z)
     else:
         gate = stat_topk_fwd(F.linear(x[:, :r], K1), z, False, "reference" if backend == "reference" else
