@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import zigspark
-from zigspark import BackendUnavailableError, _cuda
+from zigspark import BackendUnavailableError
 from zigspark.cuda_ops import spark_ffn as cuda_ffn
 from zigspark.nn import SparkFFN
 

@@ -15,7 +15,6 @@ with the convolution and the scan both following `order`.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..ops.causal_conv1d import causal_conv1d
