@@ -203,6 +203,28 @@ def test_triton_fused_sparse_ffn_thresholds_inside_the_kernels(triton_device, dt
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("splits", [1, 2, 5, 50])
+def test_triton_sparse_ffn_projection_splits(triton_device, splits):
+    """The projection split over d_ff (decode) and summed in split order gives the formula's output for
+    every split count, the last split ragged (d_ff 333 = 5 splits of 128 with 13 left; 50 splits recount to
+    6 of 64), unfused (a given gate) and fused."""
+    from zigspark.cuda_ops.spark_ffn import transposed
+    from zigspark.triton_kernels import spark_ffn as kernels
+
+    K1, K2, V = (t.float().to(triton_device) for t in ffn_params(d=40, f=333, r=10, seed=2))
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(6)).to(triton_device)
+    gate = zigspark.stat_topk(x[:, :10] @ K1.T, density=0.3)
+    expected = (F.gelu(gate) * (x[:, 10:] @ K2.T)) @ V.T
+    VT = transposed(V).contiguous()
+    out = kernels.spark_ffn_sparse(x, gate, K2, VT, 10, splits=splits)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    fused, fused_gate = kernels.spark_ffn_fused(x, K1, K2, VT, statistics.NormalDist().inv_cdf(0.7), splits=splits)
+    torch.testing.assert_close(fused, (F.gelu(fused_gate) * (x[:, 10:] @ K2.T)) @ V.T, rtol=1e-5, atol=1e-5)
+    assert kernels.project_splits(1, 1024, 16384, torch.device("cpu")) == 64        # decode: ~4 programs/SM
+    assert kernels.project_splits(600, 1024, 16384, torch.device("cpu")) == 1       # prefill fills the GPU
+
+
+@pytest.mark.interpret
 def test_triton_fused_sparse_ffn_density_and_constant_predictor(triton_device):
     mask = fused_ffn_case(40, 32, 1000, 8, 0.08, torch.float32, triton_device, seed=3)
     assert abs(mask.double().mean().item() - 0.08) < 0.02

@@ -7,6 +7,10 @@ For a token x, predictor width r, z = Φ⁻¹(1 − density), K1 ∈ R^{f×r}, K
     a_j = GELU(g_j)·(K2_j·x[r:])        for active j (g_j > 0), else 0  (kernel 2: one K2 row per active j)
     y   = Σ_{j active} a_j·V_{:, j}                                     (kernel 3: one Vᵀ row per active j)
 
+Kernel 3 splits d_ff when the batch is small (decode), so that enough programs share the Vᵀ rows: each
+split's float32 sum goes to a workspace that a fourth small kernel adds up in split order (deterministic,
+no atomics, no zero fill).
+
 Rows of K2 and of Vᵀ belonging to inactive neurons are masked out of the loads, so memory traffic scales
 with the density instead of with d_ff — the point of Spark's decode speedup.
 
@@ -114,21 +118,54 @@ def _active_values_kernel(X, G, MOM, K2, A, r, d_model, d_ff, z, sx_t, sg_t, sm_
 
 
 @triton.jit
-def _project_kernel(A, VT, Y, d_model, d_ff, sa_t, svt_f, sy_t,
-                    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+def _project_kernel(A, VT, Y, PARTIAL, d_model, d_ff, split_size, sa_t, svt_f, sy_t, sp_t,
+                    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
+    """Y[t, d] = Σ_f A[t, f]·VT[f, d] over the active f of one split of d_ff (program axis 2). With SPLIT
+    the split's float32 sum goes to PARTIAL[t, split, d] for _sum_splits_kernel; else straight to Y."""
     t = tl.program_id(0).to(tl.int64)  # tokens·d_ff can pass 2³¹ in a long prefill
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2)
+    d_ok = d < d_model
+    f_begin = split.to(tl.int64) * split_size
+    f_end = tl.minimum(f_begin + split_size, d_ff)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for f0 in range(f_begin, f_end, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        a = tl.load(A + t * sa_t + f, mask=f < f_end, other=0.0)
+        rows = tl.load(VT + f[:, None] * svt_f + d[None, :], mask=(a != 0.0)[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(rows.to(tl.float32) * a[:, None], axis=0)
+    if SPLIT:
+        tl.store(PARTIAL + (t * tl.num_programs(2) + split) * sp_t + d, acc, mask=d_ok)
+    else:
+        tl.store(Y + t * sy_t + d, acc.to(Y.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _sum_splits_kernel(PARTIAL, Y, splits, d_model, sp_t, sy_t, BLOCK_D: tl.constexpr):
+    """Y[t, d] = Σ_split PARTIAL[t, split, d], in split order (deterministic), rounded once."""
+    t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < d_model
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for f0 in range(0, d_ff, BLOCK_F):
-        f = f0 + tl.arange(0, BLOCK_F)
-        a = tl.load(A + t * sa_t + f, mask=f < d_ff, other=0.0)
-        rows = tl.load(VT + f[:, None] * svt_f + d[None, :], mask=(a != 0.0)[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(rows.to(tl.float32) * a[:, None], axis=0)
+    for s in range(0, splits):
+        acc += tl.load(PARTIAL + (t * splits + s) * sp_t + d, mask=d_ok, other=0.0)
     tl.store(Y + t * sy_t + d, acc.to(Y.dtype.element_ty), mask=d_ok)
 
 
-def _active_and_project(x, gate, moments, K2, VT, r, z, threshold):
+PROJECT_BLOCK_F = 64
+MIN_SPLIT = 256        # neurons per split at least: four BLOCK_F steps, so a split is worth its partial row
+
+
+def project_splits(tokens: int, d_model: int, d_ff: int, device: torch.device) -> int:
+    """Splits of d_ff for the projection: at decode, tokens × d_model/128 programs alone leave most of the GPU
+    idle (8 programs for one token at d_model 1024), each walking all of d_ff; so d_ff is split until there
+    are ~4 programs per SM, each split at least MIN_SPLIT neurons. 1 once the batch fills the GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    programs = tokens * triton.cdiv(d_model, 128)
+    return max(1, min(triton.cdiv(4 * sms, max(1, programs)), triton.cdiv(d_ff, MIN_SPLIT)))
+
+
+def _active_and_project(x, gate, moments, K2, VT, r, z, threshold, splits=None):
     tokens, d_model = x.shape
     d_ff = gate.shape[1]
     a = new_output((tokens, d_ff), torch.float32, x.device)
@@ -140,19 +177,30 @@ def _active_and_project(x, gate, moments, K2, VT, r, z, threshold):
         PREDICTOR_F=PREDICTOR_BLOCK_F)
     y = new_output_like(x)
     block_d = min(128, triton.next_power_of_2(d_model))
-    _project_kernel[(tokens, triton.cdiv(d_model, block_d))](
-        a, VT, y, d_model, d_ff, a.stride(0), VT.stride(0), y.stride(0), BLOCK_F=64, BLOCK_D=block_d)
+    splits = project_splits(tokens, d_model, d_ff, x.device) if splits is None else int(splits)
+    # whole BLOCK_F steps per split; recount so that no split is empty
+    split_size = triton.cdiv(triton.cdiv(d_ff, splits), PROJECT_BLOCK_F) * PROJECT_BLOCK_F
+    splits = triton.cdiv(d_ff, split_size)
+    # scratch, fully written by the projection before the sum reads it
+    partial = torch.empty((tokens, splits, d_model), dtype=torch.float32, device=x.device) if splits > 1 else y
+    _project_kernel[(tokens, triton.cdiv(d_model, block_d), splits)](
+        a, VT, y, partial, d_model, d_ff, split_size, a.stride(0), VT.stride(0), y.stride(0), partial.stride(1),
+        BLOCK_F=PROJECT_BLOCK_F, BLOCK_D=block_d, SPLIT=splits > 1)
+    if splits > 1:
+        _sum_splits_kernel[(tokens, triton.cdiv(d_model, block_d))](
+            partial, y, splits, d_model, partial.stride(1), y.stride(0), BLOCK_D=block_d)
     return y
 
 
-def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, r: int) -> torch.Tensor:
+def spark_ffn_sparse(x: torch.Tensor, gate: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, r: int, *,
+                     splits: int | None = None) -> torch.Tensor:
     """x (tokens, d_model), gate (tokens, d_ff) = relu(predictor − θ), K2 (d_ff, d_model − r),
-    VT (d_ff, d_model) = Vᵀ contiguous -> y (tokens, d_model)."""
-    return _active_and_project(x, gate, gate, K2, VT, r, 0.0, threshold=False)
+    VT (d_ff, d_model) = Vᵀ contiguous -> y (tokens, d_model). `splits` overrides project_splits (tests)."""
+    return _active_and_project(x, gate, gate, K2, VT, r, 0.0, threshold=False, splits=splits)
 
 
-def spark_ffn_fused(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, z: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def spark_ffn_fused(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, z: float, *,
+                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole sparse FFN from x (tokens, d_model), K1 (d_ff, r), K2, VT as above and z = Φ⁻¹(1 − density)
     -> (y (tokens, d_model), gate (tokens, d_ff) float32 = relu(p − θ)). Rows with unit last stride."""
     tokens = x.shape[0]
@@ -166,5 +214,5 @@ def spark_ffn_fused(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, VT: tor
             x, K1, gate, moments, tokens, r, d_ff, x.stride(0), K1.stride(0), gate.stride(0), moments.stride(0),
             BLOCK_T=block_t, BLOCK_F=PREDICTOR_BLOCK_F, BLOCK_R=min(64, max(16, triton.next_power_of_2(r))),
             IEEE=x.dtype == torch.float32)
-        return _active_and_project(x, gate, moments, K2, VT, r, z, threshold=True), gate
+        return _active_and_project(x, gate, moments, K2, VT, r, z, threshold=True, splits=splits), gate
     return new_output_like(x), gate
