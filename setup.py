@@ -154,7 +154,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # every package under python/ (models, data, train, ... included) plus the Triton kernels
     packages=find_packages("python") + ["zigspark.triton_kernels"],
     package_dir={"zigspark": "python/zigspark", "zigspark.triton_kernels": "triton_kernels"},

@@ -288,6 +288,21 @@ def test_emulated_cuda_attention_matches_reference(dtype, case):
     check_attention_backend("cuda", torch.device("cpu"), dtype, case)
 
 
+@pytest.mark.emulate
+def test_emulated_cuda_backward_without_triton_says_it_runs_the_reference(caplog):
+    """The CUDA backend's backward is Triton's; where Triton cannot run (here: no GPU, no interpreter) the
+    reference runs it, and a warning says so, once."""
+    from zigspark.ops import attention as attention_op
+
+    attention_op._warned_cuda_without_triton.clear()
+    q, k, v = (torch.randn(1, 9, 2, 16, requires_grad=True) for _ in range(3))
+    with caplog.at_level("WARNING", logger="zigspark"):
+        for _ in range(2):
+            zigspark.flash_attention(q, k, v, backend="cuda").sum().backward()
+    warnings = [r.getMessage() for r in caplog.records if "has no kernel for the backward" in r.getMessage()]
+    assert len(warnings) == 1 and "runs the PyTorch reference" in warnings[0], warnings
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_attention_batch_heads_over_the_grid_limit(backend):

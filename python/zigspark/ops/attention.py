@@ -63,12 +63,25 @@ def _(q, k, v, causal, scale, backend):
     return torch.empty_like(q), q.new_empty((batch, heads, seqlen_q), dtype=ref.compute_dtype(q.dtype))
 
 
+_warned_cuda_without_triton: set = set()
+
+
+def _triton_stands_in_for_cuda(op: str, part: str, q: torch.Tensor) -> bool:
+    """backend='cuda' has no kernel for `part` (the backward, the received sums): Triton's runs instead when it
+    can; otherwise the reference does, and a warning says so once per op and device type."""
+    reason = backends.unavailable_reason(op, "triton", q.device, q.dtype)
+    if reason is not None and (op, q.device.type) not in _warned_cuda_without_triton:
+        _warned_cuda_without_triton.add((op, q.device.type))
+        backends.log.warning("zigspark.%s: backend='cuda' has no kernel for %s and Triton cannot run here (%s); "
+                             "%s runs the PyTorch reference", op, part, reason, part)
+    return reason is None
+
+
 @torch.library.custom_op("zigspark::attention_bwd", mutates_args=())
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, causal: bool, scale: float, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    triton_ok = backends.unavailable_reason("flash_attention", "triton", q.device, q.dtype) is None
-    if backend == "triton" or (backend == "cuda" and triton_ok):  # the CUDA backend's backward is Triton's
+    if backend == "triton" or (backend == "cuda" and _triton_stands_in_for_cuda("flash_attention", "the backward", q)):
         return _kernels().attention_bwd(dout, q, k, v, out, lse, causal, scale)
     grads = ref.attention_backward(dout, q, k, v, out, lse, causal, scale)
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
@@ -100,8 +113,8 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def attention_received_op(q: torch.Tensor, k: torch.Tensor, lse: Optional[torch.Tensor], causal: bool,
                           scale: float, query_weight: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     """(B, H, S_k) float32 (float64 for float64 inputs): Σ_i w_i·p_ij per head; lse recomputed if absent."""
-    triton_ok = backends.unavailable_reason("attention_received", "triton", q.device, q.dtype) is None
-    if backend == "triton" or (backend == "cuda" and triton_ok):  # received sums have a Triton kernel only
+    if backend == "triton" or (backend == "cuda" and _triton_stands_in_for_cuda("attention_received",
+                                                                              "the received sums", q)):
         kernels = _kernels()
         if lse is None:
             _, lse = kernels.attention_fwd(q, k, None, causal, scale, need_out=False)

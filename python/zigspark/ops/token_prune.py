@@ -24,7 +24,8 @@ baselines always run in PyTorch. The selection is the custom op zigspark::hiprun
 run inside it, so a caller compiles with fullgraph=True). prune_tokens (zigspark::prune_tokens_fwd / _bwd)
 runs index_select and scatter_add on the reference backend, and gather/scatter kernels on the Triton and
 cuda backends (CUDA: 16-byte row copies; both backwards add into zeros with atomics, since indices may
-repeat). `auto` keeps the reference first until a benchmark shows a kernel ahead.
+repeat). For prune_tokens, `auto` keeps the reference first until a benchmark shows a kernel ahead;
+hiprune_select follows the usual order (cuda, triton, reference).
 """
 
 from __future__ import annotations
