@@ -133,7 +133,8 @@ KERNELS = {   # every kernel an op launches must have been compiled by its case
     "causal_conv1d": {"_conv_fwd_kernel", "_conv_grad_pre_kernel", "_conv_bwd_kernel"},
     "flash_attention": {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
                         "_attn_received_kernel"},
-    "spark_ffn": {"_predictor_kernel", "_active_values_kernel", "_project_kernel", "_sum_splits_kernel"},
+    "spark_ffn": {"_predictor_kernel", "_theta_kernel", "_active_values_kernel", "_project_kernel",
+                  "_sum_splits_kernel"},
     "spark_attention": {"_stats_kernel", "_fwd_kernel", "_attn_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
     "token_prune": {"_hiprune_kernel", "_gather_rows_kernel", "_scatter_rows_kernel"},
 }

@@ -91,9 +91,17 @@ def _threshold(MOM, t, sm_t, d_ff, z, TILES: tl.constexpr, BLOCK_F: tl.constexpr
 
 
 @triton.jit
+def _theta_kernel(MOM, THETA, d_ff, z, sm_t, TILES: tl.constexpr, PREDICTOR_F: tl.constexpr):
+    """THETA[t] = θ of token t, once per token (prefill), instead of in every program of the token."""
+    t = tl.program_id(0).to(tl.int64)
+    tl.store(THETA + t, _threshold(MOM, t, sm_t, d_ff, z, TILES, PREDICTOR_F))
+
+
+@triton.jit
 def _active_values_kernel(X, G, MOM, K2, A, r, d_model, d_ff, z, sx_t, sg_t, sm_t, sk2_f, sa_t,
                           BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-                          THRESHOLD: tl.constexpr, TILES: tl.constexpr, PREDICTOR_F: tl.constexpr):
+                          THRESHOLD: tl.constexpr, TILES: tl.constexpr, PREDICTOR_F: tl.constexpr,
+                          THETA_READY: tl.constexpr):
     """A[t, f] = GELU(g)·(K2_f·x_t[r:]) for the active neurons of a block, 0 for the others. G holds the
     gate g, or with THRESHOLD the float32 predictor p, which is thresholded here (θ from MOM) and
     overwritten by its gate relu(p − θ) (each program owns its block of G)."""
@@ -102,7 +110,11 @@ def _active_values_kernel(X, G, MOM, K2, A, r, d_model, d_ff, z, sx_t, sg_t, sm_
     f_ok = f < d_ff
     g = tl.load(G + t * sg_t + f, mask=f_ok, other=0.0).to(tl.float32)
     if THRESHOLD:
-        g = tl.maximum(g - _threshold(MOM, t, sm_t, d_ff, z, TILES, PREDICTOR_F), 0.0)
+        if THETA_READY:  # MOM holds θ per token (_theta_kernel)
+            theta = tl.load(MOM + t)
+        else:
+            theta = _threshold(MOM, t, sm_t, d_ff, z, TILES, PREDICTOR_F)
+        g = tl.maximum(g - theta, 0.0)
         tl.store(G + t * sg_t + f, g, mask=f_ok)
     active = g > 0.0
     dot = tl.zeros([BLOCK_F], dtype=tl.float32)
@@ -152,6 +164,7 @@ def _sum_splits_kernel(PARTIAL, Y, splits, d_model, sp_t, sy_t, BLOCK_D: tl.cons
     tl.store(Y + t * sy_t + d, acc.to(Y.dtype.element_ty), mask=d_ok)
 
 
+THETA_TOKENS = 16      # from this many tokens on, θ gets a launch of its own (_theta_kernel)
 PROJECT_BLOCK_F = 64
 MIN_SPLIT = 256        # neurons per split at least: four BLOCK_F steps, so a split is worth its partial row
 
@@ -171,10 +184,19 @@ def _active_and_project(x, gate, moments, K2, VT, r, z, threshold, splits=None):
     a = new_output((tokens, d_ff), torch.float32, x.device)
     block_f, block_k = 64, min(128, triton.next_power_of_2(max(d_model - r, 16)))
     tiles = triton.next_power_of_2(triton.cdiv(d_ff, PREDICTOR_BLOCK_F))
+    # Every program of a token needs its θ. Merging the tile moments in each of them reads tiles² pairs per
+    # token, nothing at decode but ~0.5 MB per token at d_ff 16384; from THETA_TOKENS tokens on, one more
+    # launch computes θ once per token.
+    theta_ready = threshold and tokens >= THETA_TOKENS
+    if theta_ready:
+        theta = new_output((tokens,), torch.float32, x.device)
+        _theta_kernel[(tokens,)](moments, theta, d_ff, z, moments.stride(0), TILES=tiles,
+                                 PREDICTOR_F=PREDICTOR_BLOCK_F)
+        moments = theta
     _active_values_kernel[(tokens, triton.cdiv(d_ff, block_f))](
         x, gate, moments, K2, a, r, d_model, d_ff, z, x.stride(0), gate.stride(0), moments.stride(0),
         K2.stride(0), a.stride(0), BLOCK_F=block_f, BLOCK_K=block_k, THRESHOLD=threshold, TILES=tiles,
-        PREDICTOR_F=PREDICTOR_BLOCK_F)
+        PREDICTOR_F=PREDICTOR_BLOCK_F, THETA_READY=theta_ready)
     y = new_output_like(x)
     block_d = min(128, triton.next_power_of_2(d_model))
     splits = project_splits(tokens, d_model, d_ff, x.device) if splits is None else int(splits)
