@@ -473,6 +473,29 @@ __global__ void __launch_bounds__(kReduceThreads)
 
 // ---- launch --------------------------------------------------------------------------------------------
 
+// Lets `kernel` take `dynamic` bytes of dynamic shared memory beside its ~`static_bytes` of static ones. Past
+// the default 48 KiB a kernel must opt in to more; the device is asked only then (d_model or r of several
+// thousand in float32), so that the decode path makes no extra runtime calls. Throws, naming `what` needs
+// it and how to `fix` it, when the device cannot give that much.
+template <typename Kernel>
+void reserve_shared_memory(Kernel kernel, size_t dynamic, size_t static_bytes, int device, const std::string& what,
+                           const char* fix) {
+  if (dynamic + static_bytes + 1024 <= 48 * 1024) return;
+  cudaFuncAttributes attr;
+  cuda_check(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)), "cudaFuncGetAttributes(spark_ffn)");
+  int optin = 0;
+  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(shared memory per block)");
+  if (dynamic + attr.sharedSizeBytes > size_t(optin)) {
+    throw std::invalid_argument("zigspark._C: spark_ffn: " + what + ": " +
+                                std::to_string(dynamic + attr.sharedSizeBytes) +
+                                " bytes of shared memory per block are needed, more than this GPU's " +
+                                std::to_string(optin) + "; " + fix);
+  }
+  allow_all_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), device,
+                                  "cudaFuncSetAttribute(spark_ffn shared memory)");
+}
+
 int64_t slice_size_for(int64_t d_ff, int64_t slices) { return (((d_ff + slices - 1) / slices) + 31) / 32 * 32; }
 
 bool aligned(uintptr_t ptr, int bytes) { return ptr % uintptr_t(bytes) == 0; }
@@ -522,22 +545,8 @@ void forward_typed(const SparkFfnForwardArgs& a) {
     const bool vec = a.r % kVec == 0 && aligned(a.k1, 16) && a.k1_row_stride % kVec == 0;
     const dim3 grid(unsigned(p.tiles), unsigned((a.tokens + nt - 1) / nt));
     auto launch_predictor = [&](auto kernel) {
-      if (x_bytes > 40 * 1024) {  // past the default 48 KiB with the static p tile
-        cudaFuncAttributes attr;
-        cuda_check(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)),
-                   "cudaFuncGetAttributes(spark_ffn predictor)");
-        int optin = 0;
-        cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.device),
-                   "cudaDeviceGetAttribute(shared memory per block)");
-        if (x_bytes + attr.sharedSizeBytes > size_t(optin)) {
-          throw std::invalid_argument("zigspark._C: spark_ffn: the fused predictor at r = " + std::to_string(a.r) +
-                                      " needs " + std::to_string(x_bytes + attr.sharedSizeBytes) +
-                                      " bytes of shared memory per block, more than this GPU's " +
-                                      std::to_string(optin) + "; pass the gate instead (k1 = 0)");
-        }
-        allow_all_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), a.device,
-                                        "cudaFuncSetAttribute(spark_ffn predictor shared memory)");
-      }
+      reserve_shared_memory(kernel, x_bytes, sizeof(float) * kPredTokens * kPredNeurons, a.device,
+                            "the fused predictor at r = " + std::to_string(a.r), "pass the gate instead (k1 = 0)");
       kernel<<<grid, kThreads, x_bytes, stream>>>(q);
     };
     auto by_tokens = [&](auto vec_tag) {
@@ -559,25 +568,9 @@ void forward_typed(const SparkFfnForwardArgs& a) {
   const unsigned blocks = unsigned(a.tokens * a.slices);
 
   auto launch = [&](auto kernel) {
-    // Past the default 48 KiB (static + dynamic) a kernel must opt in to more; query only then (d_model of
-    // several thousand in float32), so that the decode path makes no extra runtime calls.
-    if (smem + kStaticSmemBytes + 1024 > 48 * 1024) {
-      cudaFuncAttributes attr;
-      cuda_check(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)),
-                 "cudaFuncGetAttributes(spark_ffn)");
-      int optin = 0;
-      cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.device),
-                 "cudaDeviceGetAttribute(shared memory per block)");
-      if (smem + attr.sharedSizeBytes > size_t(optin)) {
-        throw std::invalid_argument("zigspark._C: spark_ffn: d_model = " + std::to_string(a.d_model) +
-                                    " and r = " + std::to_string(a.r) + " need " +
-                                    std::to_string(smem + attr.sharedSizeBytes) +
-                                    " bytes of shared memory per block, more than this GPU's " +
-                                    std::to_string(optin) + "; use backend='triton' or 'reference'");
-      }
-      allow_all_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), a.device,
-                                      "cudaFuncSetAttribute(spark_ffn shared memory)");
-    }
+    reserve_shared_memory(kernel, smem, kStaticSmemBytes, a.device,
+                          "d_model = " + std::to_string(a.d_model) + " and r = " + std::to_string(a.r),
+                          "use backend='triton' or 'reference'");
     kernel<<<blocks, kThreads, smem, stream>>>(p);
     check_launch("spark_ffn slice kernel launch");
   };
