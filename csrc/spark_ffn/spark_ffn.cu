@@ -528,18 +528,9 @@ void forward_typed(const SparkFfnForwardArgs& a) {
   p.tiles = int(spark_ffn_predictor_tiles(a.d_ff));
   p.z = float(a.z);
   if (fused) {
-    PredictorParams<T> q;
-    q.x = p.x;
-    q.k1 = reinterpret_cast<const T*>(a.k1);
-    q.predictor = p.predictor;
-    q.moments = reinterpret_cast<float*>(a.moments);
-    q.sx = a.x_row_stride;
-    q.sk1 = a.k1_row_stride;
-    q.sp = a.gate_row_stride;
-    q.tokens = a.tokens;
-    q.d_ff = a.d_ff;
-    q.r = int(a.r);
-    q.tiles = p.tiles;
+    const PredictorParams<T> q{p.x, reinterpret_cast<const T*>(a.k1), p.predictor, reinterpret_cast<float*>(a.moments),
+                               a.x_row_stride, a.k1_row_stride, a.gate_row_stride, a.tokens, a.d_ff, int(a.r),
+                               p.tiles};
     const int nt = a.tokens > 4 ? 8 : a.tokens > 2 ? 4 : int(a.tokens);
     const size_t x_bytes = sizeof(float) * size_t(nt) * size_t(a.r);
     const bool vec = a.r % kVec == 0 && aligned(a.k1, 16) && a.k1_row_stride % kVec == 0;
