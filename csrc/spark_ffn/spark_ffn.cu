@@ -46,8 +46,9 @@
 //
 // The fused predictor. θ needs all of a token's p, which independent blocks cannot share within a launch, so
 // it is split across the two launches: the predictor kernel computes p for a tile of NT ≤ 8 tokens × 64
-// neurons (block of 8 warps; each warp takes 8 neurons, its lanes stride over r in 16-byte packs of K1 with
-// the NT tokens' x[:r] staged in shared memory, so each K1 row is read once per NT tokens) and writes p in
+// neurons (block of 8 warps; each warp takes its 8 neurons together, its lanes striding over r in 16-byte
+// packs of K1 with the NT tokens' x[:r] staged in shared memory, so each K1 row is read once per NT tokens
+// and each shared read of x feeds 4–8 multiply-adds) and writes p in
 // float32 with each token's exact mean and M2 over the tile; the slice kernel first merges its token's tile
 // moments (mean = count-weighted mean of the tile means, M2 = Σ M2_tile + Σ count·(mean_tile − mean)²: no
 // cancellation, fixed order) into θ, then compacts on p − θ and writes the gate over p for the caller's
@@ -91,7 +92,8 @@ constexpr int kChunk = kThreads * kRounds;    // neurons compacted at a time: th
 constexpr int kUnroll = 4;                    // 16-byte loads in flight per thread in the two weight loops
 constexpr int kMinSlice = 128;                // fewer neurons per block leave most of its warps idle
 // The slice plan aims at this many blocks per SM, and __launch_bounds__ holds the kernel to the 64 registers
-// that let them all be resident (ptxas: 58–64, no spills, sm_80 and sm_90a). 32 warps per SM with 4 16-byte
+// that let them all be resident (ptxas: 58–64, no spills, sm_80 and sm_90a; the fused-threshold float32 variant
+// with scalar columns, the rare path, spills 12 bytes on sm_90a). 32 warps per SM with 4 16-byte
 // loads in flight per lane keep ~64 KiB of weight reads in flight per SM, well above what HBM needs.
 constexpr int kBlocksPerSm = 4;
 constexpr int kReduceThreads = 256;
@@ -251,32 +253,32 @@ __device__ __forceinline__ void accumulate_rows(const T* __restrict__ vt, int64_
 
 // ---- the fused predictor ---------------------------------------------------------------------------
 
-// This lane's share of row·x_t for the NT tokens: acc[tok] += Σ_k row[k]·x_s[tok·r + k] over k = lane, lane + 32,
-// ... (scalar loads), or over 16-byte packs of k when kVec (row 16-byte aligned, r a multiple of the pack).
-template <typename T, int NT, bool kVec>
-__device__ __forceinline__ void predictor_dot_lane(const T* __restrict__ row, const float* __restrict__ x_s, int r,
-                                                   int lane, float (&acc)[NT]) {
+constexpr int kPredRows = kPredNeurons / kWarps;  // K1 rows per warp and tile
+
+// This lane's share of rows[u]·x_t for R rows and the NT tokens: acc[u][tok] += Σ_k rows[u][k]·x_s[tok·r + k]
+// over k in packs (16-byte when kVec: rows 16-byte aligned, r a multiple of the pack; else single elements)
+// p = lane, lane + 32, ... Taking R rows together puts R loads in flight per step and makes each
+// shared-memory read of x feed R multiply-adds.
+template <typename T, int NT, int R, bool kVec>
+__device__ __forceinline__ void predictor_dots_lane(const T* const (&rows)[R], const float* __restrict__ x_s, int r,
+                                                    int lane, float (&acc)[R][NT]) {
   constexpr int VEC = kVec ? 16 / int(sizeof(T)) : 1;
-  auto fma_pack = [&](const Pack<T, VEC>& w, int k) {
+  const int packs = r / VEC;
+  for (int pk = lane; pk < packs; pk += 32) {
+    Pack<T, VEC> w[R];
+#pragma unroll
+    for (int u = 0; u < R; ++u) w[u] = load_readonly<T, VEC>(rows[u] + pk * VEC);
 #pragma unroll
     for (int tok = 0; tok < NT; ++tok) {
       float xv[VEC];
-      load_shared<VEC, true>(x_s + tok * r + k, xv);
+      load_shared<VEC, true>(x_s + tok * r + pk * VEC, xv);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[tok] = fmaf(load_acc(w.v[e]), xv[e], acc[tok]);
+      for (int u = 0; u < R; ++u) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[u][tok] = fmaf(load_acc(w[u].v[e]), xv[e], acc[u][tok]);
+      }
     }
-  };
-  const int packs = r / VEC;
-  int pk = lane;
-  for (; pk + 32 * (kUnroll - 1) < packs; pk += 32 * kUnroll) {  // kUnroll loads in flight per lane
-    Pack<T, VEC> w[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) w[u] = load_readonly<T, VEC>(row + (pk + 32 * u) * VEC);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) fma_pack(w[u], (pk + 32 * u) * VEC);
   }
-#pragma unroll 1
-  for (; pk < packs; pk += 32) fma_pack(load_readonly<T, VEC>(row + pk * VEC), pk * VEC);
 }
 
 // NT = tokens per block (1, 2, 4 or 8: the batch rounded up to a power of two, at most 8), so that a decode
@@ -295,13 +297,28 @@ __global__ void __launch_bounds__(kThreads) spark_ffn_predictor_kernel(const Pre
     x_s[e] = tok < tokens_here ? load_acc(p.x[(t0 + tok) * p.sx + k]) : 0.0f;  // absent tokens: zeros
   }
   __syncthreads();
-  for (int j = warp; j < neurons_here; j += kWarps) {  // warp-uniform bound: whole warps reach warp_sum
-    float acc[NT] = {};
-    predictor_dot_lane<T, NT, kVec>(p.k1 + (n0 + j) * p.sk1, x_s, p.r, lane, acc);
+  // Warp w takes the tile's neurons w, w + 8, ..., w + 56, R at a time (R·NT accumulators: 8 rows for one or
+  // two tokens, 4 for more); past the tile's end it rereads the last row (every load stays in bounds) and
+  // drops the result. Row validity is warp-uniform, so whole warps reach warp_sum.
+  constexpr int R = NT <= 2 ? kPredRows : kPredRows / 2;
+#pragma unroll 1
+  for (int base = 0; base < kPredRows; base += R) {
+    const T* rows[R];
 #pragma unroll
-    for (int tok = 0; tok < NT; ++tok) {
-      const float dot = warp_sum(acc[tok]);
-      if (lane == 0) p_s[tok][j] = dot;
+    for (int u = 0; u < R; ++u) {
+      rows[u] = p.k1 + (n0 + min(warp + kWarps * (base + u), neurons_here - 1)) * p.sk1;
+    }
+    float acc[R][NT] = {};
+    predictor_dots_lane<T, NT, R, kVec>(rows, x_s, p.r, lane, acc);
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      const int j = warp + kWarps * (base + u);
+      if (j >= neurons_here) break;
+#pragma unroll
+      for (int tok = 0; tok < NT; ++tok) {
+        const float dot = warp_sum(acc[u][tok]);
+        if (lane == 0) p_s[tok][j] = dot;
+      }
     }
   }
   __syncthreads();
