@@ -98,6 +98,8 @@ def test_spark_ffn_bad_inputs():
         zigspark.spark_ffn(x, K1, K2[:, :5], V, 0.1)
     with pytest.raises(ValueError, match=r"V must be"):
         zigspark.spark_ffn(x, K1, K2, V.T, 0.1)
+    with pytest.raises(ValueError, match=r"at least one neuron"):
+        zigspark.spark_ffn(x, K1[:0], K2[:0], V[:, :0], 0.1, sparse=True)
     with pytest.raises(ValueError, match=r"predictor_dim must satisfy"):
         SparkFFN(16, 64, predictor_dim=16)
 
@@ -206,8 +208,8 @@ def test_triton_fused_sparse_ffn_thresholds_inside_the_kernels(triton_device, dt
 @pytest.mark.parametrize("splits", [1, 2, 5, 50])
 def test_triton_sparse_ffn_projection_splits(triton_device, splits):
     """The projection split over d_ff (decode) and summed in split order gives the formula's output for
-    every split count, the last split ragged (d_ff 333 = 5 splits of 128 with 13 left; 50 splits recount to
-    6 of 64), unfused (a given gate) and fused."""
+    every split count, the last split ragged (d_ff 333: 2 splits of 192 and 141; 5 recount to 3 of 128, the
+    last 77; 50 recount to 6 of 64, the last 13), unfused (a given gate) and fused."""
     from zigspark.cuda_ops.spark_ffn import transposed
     from zigspark.triton_kernels import spark_ffn as kernels
 
@@ -220,6 +222,7 @@ def test_triton_sparse_ffn_projection_splits(triton_device, splits):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     fused, fused_gate = kernels.spark_ffn_fused(x, K1, K2, VT, statistics.NormalDist().inv_cdf(0.7), splits=splits)
     torch.testing.assert_close(fused, (F.gelu(fused_gate) * (x[:, 10:] @ K2.T)) @ V.T, rtol=1e-5, atol=1e-5)
+    assert [kernels.split_plan(333, n) for n in (1, 2, 5, 50)] == [(384, 1), (192, 2), (128, 3), (64, 6)]
     assert kernels.project_splits(1, 1024, 16384, torch.device("cpu")) == 64        # decode: ~4 programs/SM
     assert kernels.project_splits(600, 1024, 16384, torch.device("cpu")) == 1       # prefill fills the GPU
 

@@ -125,22 +125,36 @@ def test_emulated_cuda_fused_predictor_constant_and_dispatch():
         assert (mask != ref_mask).sum() <= 1
 
 
-def check_fused_predictor(device, d, r, tokens, slices, dtype):
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("tokens", [1, 3, 9])
+def test_emulated_cuda_fused_predictor_vector_loads(tokens, dtype):
+    """A contiguous K1 with r a multiple of the 16-byte pack: the predictor's vector path (K1 in packs, x read
+    from shared memory a float4 at a time), with 8 rows at a time (one token) and 4 (three and nine), and a
+    last tile of 16 neurons (d_ff 4·d = 272)."""
+    check_fused_predictor("cpu", 68, 16, tokens, None, dtype, padded_k1=False)
+
+
+def check_fused_predictor(device, d, r, tokens, slices, dtype, padded_k1=True):
     """The predictor and threshold computed inside the CUDA kernels: the gate it returns against stat_topk's
     on the same rounded weights (continuous in θ, so a tolerance), the output against the formula from that
-    gate and by the numerics rule against the float64 reference, for a K1 with padded rows (row stride > r),
-    a token with constant predictor (σ = 0: nothing active), over 8 tokens (two predictor tiles) and d_ff
-    not a multiple of the 64-neuron tile."""
+    gate and by the numerics rule against the float64 reference, for a K1 with padded rows (row stride > r)
+    or contiguous ones, a token with constant predictor (σ = 0: nothing active) when there are several,
+    over 8 tokens (two predictor tiles) and d_ff not a multiple of the 64-neuron tile."""
     K1, K2, V = ffn_weights(d, r, device=device)
     gen = torch.Generator(device).manual_seed(tokens)
     x = torch.randn(tokens, d, dtype=torch.float64, device=device, generator=gen)
-    x[0, :r] = 0.0                                                  # p = 0 for every neuron of token 0
-    wide = torch.zeros(K1.shape[0], r + 7, dtype=dtype, device=device)
+    constant = tokens > 1                  # with one token, keep it informative: no σ = 0 token then
+    if constant:
+        x[0, :r] = 0.0                                              # p = 0 for every neuron of token 0
+    wide = torch.zeros(K1.shape[0], r + 7 if padded_k1 else r, dtype=dtype, device=device)
     wide[:, :r] = K1.to(dtype)
     low = [t.to(dtype) for t in (x, K1, K2, V)]
     z = statistics.NormalDist().inv_cdf(1 - 0.2)
     out, gate = cuda_ffn.spark_ffn_fused(low[0], wide[:, :r], low[2], low[3].T.contiguous(), z, slices=slices)
-    assert gate.dtype == torch.float32 and not gate[0].any() and torch.equal(out[0], torch.zeros_like(out[0]))
+    assert gate.dtype == torch.float32 and gate.any()
+    if constant:
+        assert not gate[0].any() and torch.equal(out[0], torch.zeros_like(out[0]))
     p = low[0][:, :r].float() @ low[1].float().T
     expected_gate = zigspark.stat_topk(p, density=0.2, backend="reference")
     torch.testing.assert_close(gate, expected_gate, rtol=0, atol=1e-5 * p.abs().max().item())

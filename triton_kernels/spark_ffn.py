@@ -9,7 +9,8 @@ For a token x, predictor width r, z = Φ⁻¹(1 − density), K1 ∈ R^{f×r}, K
 
 Kernel 3 splits d_ff when the batch is small (decode), so that enough programs share the Vᵀ rows: each
 split's float32 sum goes to a workspace that a fourth small kernel adds up in split order (deterministic,
-no atomics, no zero fill).
+no atomics, no zero fill). The split count depends on the batch size and the GPU's SM count, so a token's
+output is reproducible for a given batch size on a given GPU model, not across them (as CUDA's slices).
 
 Rows of K2 and of Vᵀ belonging to inactive neurons are masked out of the loads, so memory traffic scales
 with the density instead of with d_ff — the point of Spark's decode speedup.
@@ -178,6 +179,15 @@ def project_splits(tokens: int, d_model: int, d_ff: int, device: torch.device) -
     return max(1, min(triton.cdiv(4 * sms, max(1, programs)), triton.cdiv(d_ff, MIN_SPLIT)))
 
 
+def split_plan(d_ff: int, splits: int) -> tuple[int, int]:
+    """(split_size, splits) for about `splits` splits of d_ff ≥ 1: whole BLOCK_F steps per split, recounted
+    so that no split is empty."""
+    if splits < 1 or d_ff < 1:
+        raise ValueError(f"spark_ffn (triton): need d_ff >= 1 and splits >= 1, got d_ff={d_ff}, splits={splits}")
+    split_size = triton.cdiv(triton.cdiv(d_ff, splits), PROJECT_BLOCK_F) * PROJECT_BLOCK_F
+    return split_size, triton.cdiv(d_ff, split_size)
+
+
 def _active_and_project(x, gate, moments, K2, VT, r, z, threshold, splits=None):
     tokens, d_model = x.shape
     d_ff = gate.shape[1]
@@ -199,10 +209,7 @@ def _active_and_project(x, gate, moments, K2, VT, r, z, threshold, splits=None):
         PREDICTOR_F=PREDICTOR_BLOCK_F, THETA_READY=theta_ready)
     y = new_output_like(x)
     block_d = min(128, triton.next_power_of_2(d_model))
-    splits = project_splits(tokens, d_model, d_ff, x.device) if splits is None else int(splits)
-    # whole BLOCK_F steps per split; recount so that no split is empty
-    split_size = triton.cdiv(triton.cdiv(d_ff, splits), PROJECT_BLOCK_F) * PROJECT_BLOCK_F
-    splits = triton.cdiv(d_ff, split_size)
+    split_size, splits = split_plan(d_ff, project_splits(tokens, d_model, d_ff, x.device) if splits is None else splits)
     # scratch, fully written by the projection before the sum reads it
     partial = torch.empty((tokens, splits, d_model), dtype=torch.float32, device=x.device) if splits > 1 else y
     _project_kernel[(tokens, triton.cdiv(d_model, block_d), splits)](

@@ -303,6 +303,7 @@ __global__ void __launch_bounds__(kThreads) spark_ffn_predictor_kernel(const Pre
   constexpr int R = NT <= 2 ? kPredRows : kPredRows / 2;
 #pragma unroll 1
   for (int base = 0; base < kPredRows; base += R) {
+    if (warp + kWarps * base >= neurons_here) break;  // warp-uniform: a short last tile has no more rows here
     const T* rows[R];
 #pragma unroll
     for (int u = 0; u < R; ++u) {
@@ -492,10 +493,10 @@ __global__ void __launch_bounds__(kReduceThreads)
 
 // Lets `kernel` take `dynamic` bytes of dynamic shared memory beside its ~`static_bytes` of static ones. Past
 // the default 48 KiB a kernel must opt in to more; the device is asked only then (d_model or r of several
-// thousand in float32), so that the decode path makes no extra runtime calls. Throws, naming `what` needs
-// it and how to `fix` it, when the device cannot give that much.
-template <typename Kernel>
-void reserve_shared_memory(Kernel kernel, size_t dynamic, size_t static_bytes, int device, const std::string& what,
+// thousand in float32), so that the decode path makes no extra runtime calls (nor builds `what()`, the
+// description of the launch, unless it throws, naming what needs the memory and how to `fix` it).
+template <typename Kernel, typename Describe>
+void reserve_shared_memory(Kernel kernel, size_t dynamic, size_t static_bytes, int device, Describe what,
                            const char* fix) {
   if (dynamic + static_bytes + 1024 <= 48 * 1024) return;
   cudaFuncAttributes attr;
@@ -504,7 +505,7 @@ void reserve_shared_memory(Kernel kernel, size_t dynamic, size_t static_bytes, i
   cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute(shared memory per block)");
   if (dynamic + attr.sharedSizeBytes > size_t(optin)) {
-    throw std::invalid_argument("zigspark._C: spark_ffn: " + what + ": " +
+    throw std::invalid_argument("zigspark._C: spark_ffn: " + what() + ": " +
                                 std::to_string(dynamic + attr.sharedSizeBytes) +
                                 " bytes of shared memory per block are needed, more than this GPU's " +
                                 std::to_string(optin) + "; " + fix);
@@ -554,7 +555,8 @@ void forward_typed(const SparkFfnForwardArgs& a) {
     const dim3 grid(unsigned(p.tiles), unsigned((a.tokens + nt - 1) / nt));
     auto launch_predictor = [&](auto kernel) {
       reserve_shared_memory(kernel, x_bytes, sizeof(float) * kPredTokens * kPredNeurons, a.device,
-                            "the fused predictor at r = " + std::to_string(a.r), "pass the gate instead (k1 = 0)");
+                            [&] { return "the fused predictor at r = " + std::to_string(a.r); },
+                            "pass the gate instead (k1 = 0)");
       kernel<<<grid, kThreads, x_bytes, stream>>>(q);
     };
     auto by_tokens = [&](auto vec_tag) {
@@ -577,7 +579,7 @@ void forward_typed(const SparkFfnForwardArgs& a) {
 
   auto launch = [&](auto kernel) {
     reserve_shared_memory(kernel, smem, kStaticSmemBytes, a.device,
-                          "d_model = " + std::to_string(a.d_model) + " and r = " + std::to_string(a.r),
+                          [&] { return "d_model = " + std::to_string(a.d_model) + " and r = " + std::to_string(a.r); },
                           "use backend='triton' or 'reference'");
     kernel<<<blocks, kThreads, smem, stream>>>(p);
     check_launch("spark_ffn slice kernel launch");

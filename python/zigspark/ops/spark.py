@@ -72,6 +72,8 @@ def _check_ffn(x, K1, K2, V, density):
     if K1.dim() != 2 or K2.dim() != 2 or V.dim() != 2:
         raise ValueError("K1 (d_ff, r), K2 (d_ff, d_model − r) and V (d_model, d_ff) must be 2-D")
     d_ff, r = K1.shape
+    if d_ff < 1:
+        raise ValueError(f"K1 (d_ff, r) must have at least one neuron (d_ff ≥ 1), got shape {tuple(K1.shape)}")
     if not 0 < r < d:
         raise ValueError(f"predictor_dim r = {r} must satisfy 0 < r < d_model = {d}")
     if K2.shape != (d_ff, d - r):
