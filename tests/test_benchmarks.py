@@ -1,4 +1,6 @@
-"""Every benchmark script runs (tiny sizes, no result file), so `make bench` cannot rot unnoticed."""
+"""Every benchmark script runs (tiny sizes, no result file), so `make bench` cannot rot unnoticed; in the
+interpret tier the Triton rows run too (the interpreter stands in for the GPU), so that a GPU run of the
+benchmarks does not first find a broken Triton row on the device's clock."""
 
 import subprocess
 import sys
@@ -6,14 +8,27 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.cpu
 
 SCRIPTS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("bench_*.py"))
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
 def test_benchmark_runs_quick(script):
     result = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert any(tag in result.stdout for tag in ("zigspark-reference", "sparse reference", "gather reference"))
+
+
+# bench_e2e trains and samples whole models: minutes in the interpreter; its Triton paths are the ops' own.
+INTERPRETED = [s for s in SCRIPTS if s.stem != "bench_e2e"]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("script", INTERPRETED, ids=[s.stem for s in INTERPRETED])
+def test_benchmark_triton_rows_run_in_the_interpreter(script):
+    result = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "triton" in result.stdout, result.stdout

@@ -62,11 +62,11 @@ def slices_for(tokens: int, d_ff: int, device: torch.device) -> int:
 
 
 MAX_FUSED_R = 4096        # the predictor kernel stages 8 tokens' x[:r] in shared memory (csrc: kMaxFusedR)
-# The CUDA predictor runs on CUDA cores, one shared-memory read of x per multiply-add: at d_ff 16384, r 256
-# on an H100 its arithmetic (~0.1–0.5 µs per token) overtakes the ~2.5 µs of reading K1 somewhere between 5
-# and 20 tokens, while F.linear's tensor cores stay bound by the read. So decode batches fuse, larger ones
-# take F.linear + stat_topk + the sparse kernel. An estimate, not a measurement: bench_spark's "unfused"
-# rows are what should move it.
+# The CUDA predictor runs on CUDA cores (one shared-memory read of x per 4–8 multiply-adds): at d_ff 16384,
+# r 256 on an H100 its arithmetic (~0.1–0.2 µs per token) overtakes the ~2.5 µs of reading K1 somewhere
+# past 10–20 tokens, while F.linear's tensor cores stay bound by the read. So decode batches fuse, larger
+# ones take F.linear + stat_topk + the sparse kernel. An estimate, not a measurement: bench_spark's
+# "unfused" rows are what should move it.
 MAX_FUSED_TOKENS = 16
 
 

@@ -84,8 +84,6 @@ def _check_ffn(x, K1, K2, V, density):
     return check_same_device(x=x, K1=K1, K2=K2, V=V), r
 
 
-
-
 def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, backend="auto"):
     """Spark FFN (formula in the module docstring). x (..., d_model) -> (..., d_model).
 
@@ -116,8 +114,8 @@ def spark_ffn_infer(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, V: torc
     """Sparse inference from x (tokens, d_model): (out (tokens, d_model), mask (tokens, d_ff) of the active
     neurons, or an empty mask unless need_mask), with θ = mean + z·std of each token's predictor. Triton
     and CUDA fuse the predictor and the threshold into their sparse kernels (no stat_topk launch, no gate
-    round trip; CUDA for up to 16 tokens and r ≤ 4096, else unfused); the reference computes the predictor with F.linear, the gate with
-    stat_topk, then spark_ffn_sparse."""
+    round trip; CUDA for up to 16 tokens and r ≤ 4096, else unfused); the reference computes the predictor
+    with F.linear, the gate with stat_topk, then spark_ffn_sparse."""
     r = K1.shape[1]
     from ..cuda_ops import spark_ffn as cuda_ffn   # also Vᵀ cached across calls, not copied each time
 
