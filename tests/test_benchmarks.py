@@ -15,10 +15,16 @@ SCRIPTS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("b
 @pytest.mark.cpu
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
 def test_benchmark_runs_quick(script):
+    stdout = run_quick(script)
+    assert any(tag in stdout for tag in ("zigspark-reference", "sparse reference", "gather reference"))
+
+
+def run_quick(script) -> str:
+    """stdout of `script --quick --device cpu`, which must succeed."""
     result = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert any(tag in result.stdout for tag in ("zigspark-reference", "sparse reference", "gather reference"))
+    return result.stdout
 
 
 # bench_e2e trains and samples whole models: minutes in the interpreter; its Triton paths are the ops' own.
@@ -28,7 +34,5 @@ INTERPRETED = [s for s in SCRIPTS if s.stem != "bench_e2e"]
 @pytest.mark.interpret
 @pytest.mark.parametrize("script", INTERPRETED, ids=[s.stem for s in INTERPRETED])
 def test_benchmark_triton_rows_run_in_the_interpreter(script):
-    result = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu"], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "triton" in result.stdout, result.stdout
+    stdout = run_quick(script)
+    assert "triton" in stdout, stdout
