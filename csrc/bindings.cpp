@@ -320,6 +320,8 @@ PYBIND11_MODULE(ZIGSPARK_MODULE_NAME, m) {
       py::arg("gate_row_stride"), py::arg("k2_row_stride"), py::arg("vt_row_stride"), py::arg("out_row_stride"),
       py::arg("slices"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("k1") = 0,
       py::arg("moments") = 0, py::arg("k1_row_stride") = 0, py::arg("z") = 0.0);
+  m.def("spark_ffn_predictor_shared_bytes", &spark_ffn_predictor_shared_bytes,
+        "shared memory per block of the fused Spark FFN predictor (spark_ffn.h)", py::arg("tokens"), py::arg("r"));
   m.def("spark_ffn_predictor_tiles", &spark_ffn_predictor_tiles,
         "predictor tiles per token of the fused Spark FFN path: its moments workspace is (tokens, tiles, 2) float32",
         py::arg("d_ff"));

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .. import _cuda
 from .._alloc import new_output, new_output_like
 from .attention import _dot
 from .stat_topk import _div, _sqrt
@@ -174,7 +175,7 @@ def project_splits(tokens: int, d_model: int, d_ff: int, device: torch.device) -
     """Splits of d_ff for the projection: at decode, tokens × d_model/128 programs alone leave most of the GPU
     idle (8 programs for one token at d_model 1024), each walking all of d_ff; so d_ff is split until there
     are ~4 programs per SM, each split at least MIN_SPLIT neurons. 1 once the batch fills the GPU."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _cuda.multiprocessor_count(device)
     programs = tokens * triton.cdiv(d_model, 128)
     return max(1, min(triton.cdiv(4 * sms, max(1, programs)), triton.cdiv(d_ff, MIN_SPLIT)))
 

@@ -99,6 +99,8 @@ constexpr int kBlocksPerSm = 4;
 constexpr int kReduceThreads = 256;
 constexpr int kPredNeurons = 64;              // neurons per predictor tile: one (mean, M2) per token and tile
 constexpr int kPredTokens = kWarps;           // most tokens per predictor tile: warp w reduces token w's moments
+// Tokens per predictor block: the batch rounded up to 1, 2, 4 or 8.
+constexpr int predictor_tile_tokens(int64_t tokens) { return tokens > 4 ? 8 : tokens > 2 ? 4 : tokens > 1 ? 2 : 1; }
 constexpr int kMaxFusedR = 4096;              // the tile's x[:r] in shared memory: 8·4096 floats = 128 KiB
 // std ≤ this·|mean| counts as σ = 0: the tile means and M2 carry float32 rounding of ~16 ulp of the mean.
 constexpr float kConstantSpread = 1.0f / 65536;
@@ -549,7 +551,7 @@ void forward_typed(const SparkFfnForwardArgs& a) {
     const PredictorParams<T> q{p.x, reinterpret_cast<const T*>(a.k1), p.predictor, reinterpret_cast<float*>(a.moments),
                                a.x_row_stride, a.k1_row_stride, a.gate_row_stride, a.tokens, a.d_ff, int(a.r),
                                p.tiles};
-    const int nt = a.tokens > 4 ? 8 : a.tokens > 2 ? 4 : int(a.tokens);
+    const int nt = predictor_tile_tokens(a.tokens);
     const size_t x_bytes = sizeof(float) * size_t(nt) * size_t(a.r);
     const bool vec = a.r % kVec == 0 && aligned(a.k1, 16) && a.k1_row_stride % kVec == 0;
     const dim3 grid(unsigned(p.tiles), unsigned((a.tokens + nt - 1) / nt));
@@ -611,6 +613,10 @@ int64_t spark_ffn_slices(int64_t tokens, int64_t d_ff, int64_t multiprocessors) 
   // The slice size is rounded up to whole warps; recount so that no slice is left empty.
   const int64_t size = slice_size_for(d_ff, wanted);
   return (d_ff + size - 1) / size;
+}
+
+int64_t spark_ffn_predictor_shared_bytes(int64_t tokens, int64_t r) {
+  return int64_t(sizeof(float)) * predictor_tile_tokens(tokens) * (r + kPredNeurons);  // x tile + p tile
 }
 
 int64_t spark_ffn_predictor_tiles(int64_t d_ff) { return d_ff <= 0 ? 0 : (d_ff + kPredNeurons - 1) / kPredNeurons; }

@@ -34,6 +34,9 @@ int64_t spark_ffn_slices(int64_t tokens, int64_t d_ff, int64_t multiprocessors);
 // Predictor tiles per token of the fused path (the middle extent of its `moments` workspace).
 int64_t spark_ffn_predictor_tiles(int64_t d_ff);
 
+// Shared memory per block (dynamic x tile + static p tile) of the fused predictor for `tokens` tokens and width r.
+int64_t spark_ffn_predictor_shared_bytes(int64_t tokens, int64_t r);
+
 void spark_ffn_forward(const SparkFfnForwardArgs& args);
 
 }  // namespace zigspark

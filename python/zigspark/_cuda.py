@@ -136,6 +136,6 @@ def shared_memory_optin(device: torch.device) -> int:
 
 
 def multiprocessor_count(device: torch.device) -> int:
-    if _on_emulator(device):
-        return 132  # the emulated GPU is an H100 SXM
+    if device.type != "cuda":
+        return 132  # the CUDA emulator and Triton's interpreter stand in for an H100 SXM
     return torch.cuda.get_device_properties(device).multi_processor_count

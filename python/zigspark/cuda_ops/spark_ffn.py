@@ -73,9 +73,10 @@ MAX_FUSED_TOKENS = 16
 def fusable(tokens: int, r: int, device: torch.device) -> bool:
     """Whether the cuda backend fuses the predictor at this size (otherwise: F.linear + stat_topk +
     spark_ffn_sparse): few enough tokens, and x[:r] of a tile of them fits the device's shared memory."""
-    tile_tokens = 1 if tokens <= 1 else 2 if tokens == 2 else 4 if tokens <= 4 else 8   # the kernel's NT
-    shared = 4 * tile_tokens * r + 2048 + 64 * 4 * tile_tokens   # x tile, headroom, the static p tile
-    return r <= MAX_FUSED_R and tokens <= MAX_FUSED_TOKENS and shared <= _cuda.shared_memory_optin(device)
+    if r > MAX_FUSED_R or tokens > MAX_FUSED_TOKENS:
+        return False
+    shared = int(_cuda.extension().spark_ffn_predictor_shared_bytes(tokens, r))
+    return shared <= _cuda.shared_memory_optin(device)
 
 
 def spark_ffn_fused(x: torch.Tensor, K1: torch.Tensor, K2: torch.Tensor, VT: torch.Tensor, z: float, *,
