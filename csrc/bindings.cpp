@@ -231,11 +231,12 @@ PYBIND11_MODULE(ZIGSPARK_MODULE_NAME, m) {
       "hiprune_select",
       [](uintptr_t obj, uintptr_t deep, uintptr_t always, uintptr_t out, uintptr_t workspace,
          int64_t workspace_bytes, int64_t batch, int64_t n, int64_t h, int64_t w, int64_t keep, int64_t n_anchor,
-         int64_t n_always, bool wrap_rows, int dtype, int device, uintptr_t stream) {
+         int64_t n_always, int64_t always_sample_stride, bool wrap_rows, int dtype, int device, uintptr_t stream) {
         HipruneSelectArgs a;
         a.obj = obj; a.deep = deep; a.always = always; a.out = out; a.workspace = workspace;
         a.workspace_bytes = workspace_bytes;
         a.batch = batch; a.n = n; a.h = h; a.w = w; a.keep = keep; a.n_anchor = n_anchor; a.n_always = n_always;
+        a.always_sample_stride = always_sample_stride;
         a.wrap_rows = wrap_rows; a.dtype = dtype; a.device = device; a.stream = stream;
         py::gil_scoped_release release;
         hiprune_select(a);
@@ -243,8 +244,8 @@ PYBIND11_MODULE(ZIGSPARK_MODULE_NAME, m) {
       "HiPrune token selection (token_prune.h): out (batch, keep) int64 ascending; scores float32/16/bf16",
       py::arg("obj"), py::arg("deep"), py::arg("always"), py::arg("out"), py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("batch"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("keep"),
-      py::arg("n_anchor"), py::arg("n_always"), py::arg("wrap_rows"), py::arg("dtype"), py::arg("device"),
-      py::arg("stream"));
+      py::arg("n_anchor"), py::arg("n_always"), py::arg("always_sample_stride"), py::arg("wrap_rows"),
+      py::arg("dtype"), py::arg("device"), py::arg("stream"));
 
   auto prune_args = [](uintptr_t src, uintptr_t index, uintptr_t dst, int64_t batch, int64_t tokens, int64_t keep,
                        int64_t channels, int64_t src_batch_stride, int64_t src_row_stride, int64_t dst_batch_stride,

@@ -67,6 +67,29 @@ def test_matches_naive_reference_every_keep_alpha_and_always_keep(h, w):
                         expected = naive_hiprune(obj[b].tolist(), deep[b].tolist(), h, w, keep, alpha, wrap_rows,
                                                  always)
                         assert got[b].tolist() == expected, (h, w, keep, alpha, wrap_rows, always, b)
+                rows = per_sample_always(2, n, keep, seed=keep)
+                got = zigspark.hiprune_select(obj, deep, (h, w), keep, alpha=alpha, always_keep=rows)
+                for b in range(2):
+                    mine = [i for i in rows[b].tolist() if i >= 0]
+                    expected = naive_hiprune(obj[b].tolist(), deep[b].tolist(), h, w, keep, alpha, False, mine)
+                    assert got[b].tolist() == expected, (h, w, keep, alpha, rows[b].tolist(), b)
+
+
+def per_sample_always(batch, n, keep, seed=0, width=4):
+    """(batch, width) always_keep rows, -1 padded, with repeats, a row of padding only, and no row holding more
+    distinct indices than keep."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(-1, n, (batch, width), generator=g)
+    rows[0, 1] = rows[0, 0]                  # a repeat
+    rows[-1] = -1                            # a sample that keeps nothing extra (when batch > 1)
+    for row in rows:
+        seen = []
+        for j, i in enumerate(row.tolist()):
+            if i >= 0 and i not in seen and len(seen) == keep:
+                row[j] = -1
+            elif i >= 0 and i not in seen:
+                seen.append(i)
+    return rows
 
 
 @pytest.mark.cpu
@@ -90,6 +113,13 @@ def test_always_keep_repeats_count_once_and_baselines_honour_it():
             zigspark.hiprune_select(obj, deep, (4, 4), 5, strategy=strategy, always_keep=[16])
         with pytest.raises(ValueError, match="3 distinct indices but keep is 2"):
             zigspark.hiprune_select(obj, deep, (4, 4), 2, strategy=strategy, always_keep=[0, 1, 2, 1])
+        # per sample: each row honoured in its own sample, -1 pads
+        rows = torch.tensor([[15, 0, 15], [-1, 7, -1]])
+        picked = zigspark.hiprune_select(obj, deep, (4, 4), 3, strategy=strategy, always_keep=rows, generator=g)
+        assert {0, 15} <= set(picked[0].tolist()) and 7 in picked[1].tolist()
+        if strategy == "attention":
+            rest = [i for i in torch.argsort(deep[1], descending=True, stable=True).tolist() if i != 7]
+            assert picked[1].tolist() == sorted([7] + rest[:2])
 
 
 @pytest.mark.cpu
@@ -151,7 +181,7 @@ def test_prune_tokens_op_gradcheck_opcheck_repeats_and_integer_features():
 def test_hiprune_select_op_opcheck_and_compiles_fullgraph():
     g = torch.Generator().manual_seed(0)
     obj, deep = torch.rand(3, 30, generator=g), torch.rand(3, 30, generator=g)
-    for always in (None, torch.tensor([4, 0])):
+    for always in (None, torch.tensor([4, 0]), torch.tensor([[4, 0], [-1, 7], [-1, -1]])):
         torch.library.opcheck(torch.ops.zigspark.hiprune_select.default,
                               (obj, deep, 5, 6, 9, 2, False, always, "reference"))
 
@@ -181,15 +211,25 @@ def test_bad_inputs():
         (dict(grid=(-3, -4)), r"grid must be \(h, w\) with positive int sides, got \(-3, -4\)"),
         (dict(grid=(12,)), r"grid must be a pair \(h, w\)"), (dict(grid=(3.0, 4)), "positive int sides"),
         (dict(always_keep=[0, 1, 2, 3, 4, 0]), "5 distinct indices but keep is 4"),
-        (dict(always_keep=[[0, 1], [2, 3]]), r"always_keep must be 1-D .* got shape \(2, 2\)"),
-        (dict(always_keep=torch.tensor([[0], [5]]), strategy="random"), "always_keep must be 1-D"),
-        (dict(always_keep=[[0]], strategy="attention"), "per-sample always_keep is not supported"),
+        (dict(always_keep=[[0, 1], [2, 3], [4, 5]]),
+         r"always_keep must be 1-D .* or \(batch, m\) = \(2, m\) .* got shape \(3, 2\)"),
+        (dict(always_keep=torch.zeros(2, 1, 1, dtype=torch.long), strategy="random"), "always_keep must be 1-D"),
+        (dict(always_keep=[-2]), r"always_keep indices must be in \[0, 12\) \(-1 entries are padding\), got \[-2\]"),
+        (dict(always_keep=[[0, 1, 2, 3, 4], [0, -1, -1, -1, 0]]), "5 distinct indices in sample 0 but keep is 4"),
+        (dict(always_keep=[[0, -1], [1, 2, 3, 4, 5, 6][:2]], keep=1, strategy="attention"),
+         "2 distinct indices in sample 1 but keep is 1"),
     ]
     for override, match in cases:
         args = {**dict(obj_scores=obj, deep_scores=deep, grid=(3, 4), keep=4), **override}
         with pytest.raises(ValueError, match=match):
             zigspark.hiprune_select(args.pop("obj_scores"), args.pop("deep_scores"), args.pop("grid"),
                                     args.pop("keep"), **args)
+    for always in ([0.5], torch.tensor([True]), [[1.0]]):
+        with pytest.raises(TypeError, match="always_keep must hold integer token indices"):
+            zigspark.hiprune_select(obj, deep, (3, 4), 4, always_keep=always)
+    with pytest.raises(ValueError, match="always_keep has 3 rows but the batch is 2"):   # the op itself checks
+        torch.ops.zigspark.hiprune_select(obj, deep, 3, 4, 4, 1, False, torch.zeros(3, 1, dtype=torch.long),
+                                          "reference")
     with pytest.raises(ValueError, match="keep_idx must be"):
         zigspark.prune_tokens(torch.randn(2, 5, 3), torch.tensor([[7]]))
     x, idx = torch.randn(2, 5, 3), torch.tensor([[0, 4], [1, 2]])
@@ -218,6 +258,12 @@ def _compare_backends(backend, device, grids, batch=3):
                     got = zigspark.hiprune_select(*args, **kw, backend=backend)
                     expected = zigspark.hiprune_select(*args, **kw, backend="reference")
                     assert torch.equal(got, expected), (h, w, wrap, keep, always)
+                rows = per_sample_always(batch, n, keep, seed=keep).to(device)
+                got = zigspark.hiprune_select(obj, deep, (h, w), keep, wrap_rows=wrap, always_keep=rows,
+                                              backend=backend)
+                expected = zigspark.hiprune_select(obj, deep, (h, w), keep, wrap_rows=wrap, always_keep=rows,
+                                                   backend="reference")
+                assert torch.equal(got, expected), (h, w, wrap, keep, rows.tolist())
 
 
 @pytest.mark.interpret
@@ -274,7 +320,7 @@ def test_extension_exposes_token_prune_kernels(cuda_extension):
     for name in ("hiprune_select", "hiprune_select_workspace", "prune_tokens_forward", "prune_tokens_backward"):
         assert callable(getattr(C, name, None)), name
     select = dict(obj=1, deep=1, always=0, out=1, workspace=0, workspace_bytes=0, batch=1, n=4, h=2, w=2, keep=2,
-                  n_anchor=1, n_always=0, wrap_rows=False, dtype=0, device=0, stream=0)
+                  n_anchor=1, n_always=0, always_sample_stride=0, wrap_rows=False, dtype=0, device=0, stream=0)
     # sizes are checked before the device is touched
     with pytest.raises(ValueError, match=r"keep must be in \[1, N\]"):
         C.hiprune_select(**{**select, "keep": 5})
@@ -282,6 +328,8 @@ def test_extension_exposes_token_prune_kernels(cuda_extension):
         C.hiprune_select(**{**select, "w": 3})
     with pytest.raises(ValueError, match="unsupported dtype float64"):
         C.hiprune_select(**{**select, "dtype": 3})
+    with pytest.raises(ValueError, match="always_sample_stride must be 0 .* or at least n_always"):
+        C.hiprune_select(**{**select, "always": 1, "n_always": 2, "always_sample_stride": 1})
     assert C.hiprune_select_workspace(batch=3, n=100, n_anchor=2, device=0, force_workspace=True) % 16 == 0
     if not torch.cuda.is_available():
         move = dict(index=1, batch=1, tokens=4, keep=2, channels=8, dtype=0, device=0, stream=0)
@@ -329,6 +377,7 @@ def check_every_keep_and_tight_budgets(device, h, w, keep_step=1):
             for wrap in (False, True):
                 _cuda_matches_reference(obj, deep, (h, w), keep, alpha=alpha, wrap_rows=wrap)
         _cuda_matches_reference(obj, deep, (h, w), keep, alpha=1.0, always_keep=[n - 1, 0, n - 1][:keep])
+        _cuda_matches_reference(obj, deep, (h, w), keep, alpha=1.0, always_keep=per_sample_always(4, n, keep, keep))
 
 
 GRIDS_FOR_EVERY_KEEP = [(1, 2), (2, 1), (1, 13), (3, 5), (7, 7), (6, 11)]
@@ -392,6 +441,7 @@ def test_gpu_cuda_large_grids_and_ties(grid, kind):
             _cuda_matches_reference(obj, deep, grid, keep, alpha=alpha, wrap_rows=wrap)
         _cuda_matches_reference(obj, deep, grid, keep, always_keep=torch.randint(0, n, (min(keep, 5),),
                                                                                   generator=g).tolist())
+        _cuda_matches_reference(obj, deep, grid, keep, always_keep=per_sample_always(8, n, keep, keep, width=9))
 
 
 @pytest.mark.gpu

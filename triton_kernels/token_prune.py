@@ -33,7 +33,7 @@ def _take(selected, count, keep, idx, candidate):
 
 
 @triton.jit
-def _hiprune_kernel(OBJ, DEEP, ALWAYS, OUT, N, keep, n_always, n_anchor, h, w,
+def _hiprune_kernel(OBJ, DEEP, ALWAYS, OUT, N, keep, n_always, always_stride, n_anchor, h, w,
                     WRAP: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK)
@@ -43,8 +43,8 @@ def _hiprune_kernel(OBJ, DEEP, ALWAYS, OUT, N, keep, n_always, n_anchor, h, w,
     selected = idx < 0
     count = tl.sum(tl.where(selected, 1, 0), axis=0)
 
-    for a in range(0, n_always):
-        selected, count = _take(selected, count, keep, idx, tl.load(ALWAYS + a).to(tl.int32))
+    for a in range(0, n_always):  # -1 pads a per-sample row: _take skips it
+        selected, count = _take(selected, count, keep, idx, tl.load(ALWAYS + b * always_stride + a).to(tl.int32))
 
     # anchors, by obj score (ties: lower index); their rank is kept so the buffers can follow the same order
     anchor_rank = tl.full([BLOCK], BLOCK, tl.int32)
@@ -98,13 +98,15 @@ def _hiprune_kernel(OBJ, DEEP, ALWAYS, OUT, N, keep, n_always, n_anchor, h, w,
 
 
 def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, always_keep):
+    """always_keep: None, or (1 or batch, m) int64 rows (shared or per sample), -1 padded, deduplicated."""
     batch, n = obj_scores.shape
     out = new_output((batch, keep), torch.int64, obj_scores.device)
-    always = (always_keep if always_keep is not None else torch.empty(0, dtype=torch.int64)).to(
+    always = (always_keep if always_keep is not None else torch.empty(1, 0, dtype=torch.int64)).to(
         device=obj_scores.device, dtype=torch.int64).contiguous()
+    always_stride = always.shape[1] if always.shape[0] > 1 else 0
     block = max(16, triton.next_power_of_2(n))
     _hiprune_kernel[(batch,)](obj_scores.contiguous(), deep_scores.contiguous(), always if always.numel() else out,
-                              out, n, keep, always.numel(), n_anchor, grid[0], grid[1],
+                              out, n, keep, always.shape[1], always_stride, n_anchor, grid[0], grid[1],
                               WRAP=bool(wrap_rows), BLOCK=block, num_warps=min(16, max(4, block // 256)))
     return out
 

@@ -318,6 +318,7 @@ struct SelectParams {
   int64_t* out;
   uint8_t* workspace;       // STAGED = false: per-sample working sets, sample_stride bytes apart
   int64_t sample_stride;
+  int64_t always_stride;    // elements between samples' always_keep rows; 0: one shared row
   int n, h, w, keep, n_anchor, n_always;
   bool wrap_rows;
 };
@@ -367,7 +368,11 @@ __global__ void __launch_bounds__(kMaxSelectThreads) hiprune_select_kernel(Selec
   for (int i = blk.tid; i < n; i += blk.threads) priority[i] = kRegister;
   __syncthreads();
   const uint32_t tier = 4u * uint32_t(n) + 4u;  // S: a tier holds 4·rank + direction < 4N + 4 values
-  for (int a = blk.tid; a < p.n_always; a += blk.threads) atomicMin(&priority[p.always[a]], uint32_t(a));
+  const int64_t* always = p.always + b * p.always_stride;
+  for (int a = blk.tid; a < p.n_always; a += blk.threads) {
+    const int64_t token = always[a];
+    if (token >= 0) atomicMin(&priority[token], uint32_t(a));  // -1 pads a per-sample row
+  }
   for (int j = blk.tid; j < p.n_anchor; j += blk.threads) {
     // Rank among the anchors: larger key first, then lower index (= lower list position). The list is
     // short (keep·alpha/5) and all lanes read the same entry at once (a broadcast).
@@ -552,6 +557,8 @@ void hiprune_select(const HipruneSelectArgs& a) {
   if (a.keep < 1 || a.keep > a.n) fail("keep must be in [1, N], got " + std::to_string(a.keep));
   if (a.n_anchor < 1 || a.n_anchor > a.n) fail("n_anchor must be in [1, N], got " + std::to_string(a.n_anchor));
   if (a.n_always < 0 || a.n_always > a.keep) fail("n_always must be in [0, keep]");
+  if (a.always_sample_stride < 0 || (a.always_sample_stride > 0 && a.always_sample_stride < a.n_always))
+    fail("always_sample_stride must be 0 (one shared row) or at least n_always");
   if (a.batch > INT_MAX) fail("batch exceeds 2^31−1");
   if (a.obj == 0 || a.deep == 0 || a.out == 0 || (a.n_always > 0 && a.always == 0)) fail("null pointer");
   if (a.dtype != int(DType::Float32) && a.dtype != int(DType::Float16) && a.dtype != int(DType::BFloat16))
@@ -577,6 +584,7 @@ void hiprune_select(const HipruneSelectArgs& a) {
   p.keep = int(a.keep);
   p.n_anchor = int(a.n_anchor);
   p.n_always = int(a.n_always);
+  p.always_stride = a.always_sample_stride;
   p.wrap_rows = a.wrap_rows;
   const int threads = select_threads(a.n);
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);

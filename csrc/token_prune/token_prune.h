@@ -7,15 +7,15 @@
 namespace zigspark {
 
 // obj and deep: (batch, n) contiguous scores in `dtype` (float32, float16 or bfloat16; NaN-free: the Python
-// side rejects NaN). always: (n_always,) int64 indices in [0, n), shared by every sample, 0 when n_always
-// is 0. out: (batch, keep) int64, written completely (ascending indices per sample).
+// side rejects NaN). always: int64 rows of n_always indices in [0, n) or -1 (padding: skipped), sample b's
+// row at always + b·always_sample_stride (0: one row shared by every sample); 0 when n_always is 0. out: (batch, keep) int64, written completely (ascending indices per sample).
 // workspace: 0 to stage each sample in shared memory, or a device buffer of at least
 // hiprune_select_workspace_bytes(batch, n, n_anchor, device, false) bytes (any 16-byte aligned buffer of
 // the size given with force_workspace=true forces the global-memory path, for tests).
 struct HipruneSelectArgs {
   uintptr_t obj = 0, deep = 0, always = 0, out = 0, workspace = 0;
   int64_t workspace_bytes = 0;
-  int64_t batch = 0, n = 0, h = 0, w = 0, keep = 0, n_anchor = 0, n_always = 0;
+  int64_t batch = 0, n = 0, h = 0, w = 0, keep = 0, n_anchor = 0, n_always = 0, always_sample_stride = 0;
   bool wrap_rows = false;
   int dtype = 0;  // DType code of obj and deep
   int device = 0;

@@ -22,7 +22,8 @@ GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, always_keep, force_workspace=False):
-    """-> (batch, keep) int64. always_keep: 1-D int64 indices (validated by the caller) or None.
+    """-> (batch, keep) int64. always_keep: None or (1 or batch, m) int64 rows, shared or per sample, -1 padded
+    (validated and deduplicated by the caller).
     force_workspace=True runs the global-memory path even where shared memory would do (tests)."""
     if obj_scores.dtype not in DTYPES or deep_scores.dtype not in DTYPES:
         raise TypeError(f"CUDA hiprune_select takes float32, float16 or bfloat16 scores, got {obj_scores.dtype} and "
@@ -34,7 +35,7 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, alw
     device = _cuda.device_index(obj)
     ext = _cuda.extension()
     out = new_output((batch, keep), torch.int64, obj.device)
-    always = (always_keep if always_keep is not None else torch.empty(0, dtype=torch.int64)).to(
+    always = (always_keep if always_keep is not None else torch.empty(1, 0, dtype=torch.int64)).to(
         device=obj.device, dtype=torch.int64).contiguous()
     ws_bytes = ext.hiprune_select_workspace(batch=batch, n=n, n_anchor=n_anchor, device=device,
                                             force_workspace=bool(force_workspace))
@@ -42,7 +43,8 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, n_anchor, wrap_rows, alw
     ext.hiprune_select(
         obj=_cuda.ptr(obj), deep=_cuda.ptr(deep), always=_cuda.ptr(always) if always.numel() else 0,
         out=_cuda.ptr(out), workspace=_cuda.ptr(workspace), workspace_bytes=ws_bytes, batch=batch, n=n,
-        h=grid[0], w=grid[1], keep=keep, n_anchor=n_anchor, n_always=always.numel(), wrap_rows=bool(wrap_rows),
+        h=grid[0], w=grid[1], keep=keep, n_anchor=n_anchor, n_always=always.shape[1],
+        always_sample_stride=always.shape[1] if always.shape[0] > 1 else 0, wrap_rows=bool(wrap_rows),
         dtype=_cuda.dtype_code(obj.dtype), device=device, stream=_cuda.stream_of(obj))
     return out
 

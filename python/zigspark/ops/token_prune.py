@@ -15,8 +15,9 @@ ties go to the lower index, so the selection is deterministic. The result is sor
 
 Baselines with the same interface: strategy="attention" keeps the `keep` highest deep_scores (FastV /
 EViT-style), strategy="random" a uniform random subset; both keep `always_keep` first as well.
-`always_keep` is one 1-D index list shared by the batch (the kernels take one list); repeated indices
-count once against the budget.
+`always_keep` is a 1-D index list shared by the batch, or a (batch, m) tensor with one list per sample,
+padded with −1 where samples keep different numbers of tokens; repeated indices count once against the
+budget, and every sample's distinct ones must fit in it.
 
 Backends: reference (vectorised PyTorch), Triton (one fused program per sample, N ≤ 4096) and CUDA
 (csrc/token_prune: one block per sample, radix select instead of sorts, any N; float32/16/bf16 scores). The
@@ -72,8 +73,9 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
         obj_scores, deep_scores: (batch, N) attention received at the object and the deep layer (e.g. from
             zigspark.attention_received), N = h·w.
         grid: (h, w).  keep: tokens to keep, 1 ≤ keep ≤ N.  alpha: anchor share (paper: 0.1).
-        always_keep: 1-D indices kept first in every sample (the distinct ones count against the budget), e.g.
-            register/CLS tokens mapped by the caller.
+        always_keep: indices kept first (the distinct ones count against the budget), e.g. register/CLS
+            tokens mapped by the caller: 1-D, shared by every sample, or (batch, m), one row per sample, with
+            −1 as padding.
         strategy: "hiprune" | "attention" | "random".  generator: for "random".
     """
     check_float_tensor("obj_scores", obj_scores, _DTYPES)
@@ -94,16 +96,7 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
     # the kernels read both rows in one dtype: the wider of the two decides what a backend must support
     chosen = backends.resolve("hiprune_select", backend, device, torch.promote_types(obj_scores.dtype,
                                                                                       deep_scores.dtype))
-    always = None
-    if always_keep is not None:
-        always = torch.as_tensor(always_keep, device=device).long()
-        # the kernels take one index list for the whole batch; a (batch, m) tensor must not be flattened
-        # into every sample's list
-        if always.dim() > 1:
-            raise ValueError(f"always_keep must be 1-D indices shared by every sample, got shape "
-                             f"{tuple(always.shape)}; per-sample always_keep is not supported: run "
-                             "hiprune_select per group of samples that share their always_keep")
-        always = always.reshape(-1)
+    always = None if always_keep is None else _as_always(always_keep, batch, device)
 
     if strategy in ("random", "attention"):
         # the baselines run in PyTorch, outside the op: they check always_keep here
@@ -147,25 +140,55 @@ def _check_alpha(alpha) -> None:
                          "the paper uses 0.1")
 
 
-def _unique_always(always: torch.Tensor, n: int, keep: int) -> torch.Tensor:
-    """always_keep checked against N and deduplicated; only distinct indices count against the budget. The
-    order does not matter: all of them are kept, ahead of every other tier."""
-    if always.numel() and (always.min() < 0 or always.max() >= n):
-        raise ValueError(f"always_keep indices must be in [0, {n}), got {always.tolist()}")
-    always = torch.unique(always)
-    if always.numel() > keep:
-        raise ValueError(f"always_keep has {always.numel()} distinct indices but keep is {keep}; raise keep or "
-                         "pass fewer always_keep indices")
-    return always
+def _as_always(always_keep, batch: int, device) -> torch.Tensor:
+    """always_keep as an int64 (1, m) (shared) or (batch, m) (per sample) tensor; values are checked later,
+    inside the op, where they are."""
+    always = torch.as_tensor(always_keep, device=device)
+    if always.numel() and (always.dtype == torch.bool or always.is_floating_point() or always.is_complex()):
+        raise TypeError(f"always_keep must hold integer token indices, got {always.dtype}")
+    if always.dim() <= 1:
+        return always.long().reshape(1, -1)
+    if always.dim() == 2 and always.shape[0] in (1, batch):
+        return always.long()
+    raise ValueError(f"always_keep must be 1-D indices shared by every sample or (batch, m) = ({batch}, m) with one "
+                     f"row per sample (-1 pads a row), got shape {tuple(always.shape)}")
+
+
+def _unique_always(always: torch.Tensor, n: int, keep: int) -> Optional[torch.Tensor]:
+    """(rows, m) always_keep (rows 1: shared) checked against N and deduplicated per row -> (rows, m') with
+    each row's distinct indices first and −1 after them, m' the largest distinct count, or None when no row
+    keeps anything. Only distinct indices count against the budget; their order does not matter: all of them
+    are kept, ahead of every other tier."""
+    always = always.reshape(1, -1) if always.dim() == 1 else always
+    if always.numel() and (always.min() < -1 or always.max() >= n):
+        bad = always[(always < -1) | (always >= n)]
+        raise ValueError(f"always_keep indices must be in [0, {n}) (-1 entries are padding), got "
+                         f"{bad.unique().tolist()[:8]}")
+    ordered = torch.sort(always, dim=1, descending=True).values   # -1 padding last, repeats adjacent
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    ordered = torch.where(repeat, -1, ordered)
+    ordered = torch.sort(ordered, dim=1, descending=True).values
+    counts = (ordered >= 0).sum(dim=1)
+    most = int(counts.max()) if counts.numel() else 0
+    if most > keep:
+        row = int(counts.argmax())
+        where = "" if always.shape[0] == 1 else f" in sample {row}"
+        raise ValueError(f"always_keep has {most} distinct indices{where} but keep is {keep}; raise keep or pass "
+                         "fewer always_keep indices")
+    return ordered[:, :most].contiguous() if most else None
 
 
 def _keep_by_key(key: torch.Tensor, always: Optional[torch.Tensor], keep: int) -> torch.Tensor:
-    """The keep tokens with the smallest key, ascending. always_keep get the keys 0..m-1, so the caller's keys
-    must all be >= N for them to come first."""
+    """The keep tokens with the smallest key, ascending. always_keep ((rows, m), −1 padded) get the keys
+    0..m-1, so the caller's keys must all be >= N for them to come first."""
     if always is not None and always.numel():
         batch = key.shape[0]
-        key = key.scatter_reduce(1, always.expand(batch, -1), torch.arange(always.numel(), device=key.device)
-                                 .expand(batch, -1), reduce="amin")
+        always = always.expand(batch, -1)
+        slot = torch.arange(always.shape[1], device=key.device).expand(batch, -1)
+        # padding scatters the largest key into token 0, which leaves token 0's own key as it was
+        key = key.scatter_reduce(1, always.clamp(min=0), torch.where(always >= 0, slot, torch.iinfo(key.dtype).max),
+                                 reduce="amin")
     kept = torch.sort(key, dim=1, stable=True).indices[:, :keep]
     return torch.sort(kept, dim=1).values
 
@@ -183,6 +206,9 @@ def hiprune_select_op(obj_scores: torch.Tensor, deep_scores: torch.Tensor, h: in
     _check_finite(obj_scores, deep_scores)
     batch, n = obj_scores.shape
     if always is not None:
+        if always.dim() == 2 and always.shape[0] not in (1, batch):
+            raise ValueError(f"always_keep has {always.shape[0]} rows but the batch is {batch}; give one row per "
+                             "sample or one shared row")
         always = _unique_always(always, n, keep)
     if backend == "cuda":
         from ..cuda_ops.token_prune import hiprune_select as kernel
