@@ -107,6 +107,10 @@ def case_spark_attention():
             for causal in (True, False):
                 q, k, v = _grad(*(torch.randn(1, 1024, 4, head_dim, dtype=dtype) for _ in range(3)))
                 zigspark.spark_attention(q, k, v, top_k=256, causal=causal, backend="triton").sum().backward()
+    for dtype in (torch.float32, torch.float16):      # the renormalised gate's variants (RENORM=True)
+        q, k, v = _grad(*(torch.randn(1, 1024, 4, 128, dtype=dtype) for _ in range(3)))
+        zigspark.spark_attention(q, k, v, top_k=256, causal=True, renormalize_gate=True, std_correction=1,
+                                 backend="triton").sum().backward()
 
 
 def case_token_prune():

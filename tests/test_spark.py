@@ -81,6 +81,31 @@ def test_spark_ffn_module_paths_and_dense_equivalent():
 
 
 @pytest.mark.cpu
+def test_spark_ffn_std_correction():
+    """std_correction = 1: the threshold uses the sample std of the d_ff predictor values, on the dense, the
+    sparse and the module path alike."""
+    K1, K2, V = ffn_params(f=9)                       # few neurons: the correction moves θ visibly
+    x = torch.randn(40, 32, dtype=torch.float64)
+    out, mask = zigspark.spark_ffn(x, K1, K2, V, 0.25, std_correction=1, return_mask=True)
+    p = x[:, :8] @ K1.T
+    theta = p.mean(-1, keepdim=True) + statistics.NormalDist().inv_cdf(0.75) * p.std(-1, keepdim=True)
+    assert torch.equal(mask, p > theta)
+    assert not torch.equal(mask, zigspark.spark_ffn(x, K1, K2, V, 0.25, return_mask=True)[1])
+    assert max_abs_err(out, (F.gelu(torch.relu(p - theta)) * (x[:, 8:] @ K2.T)) @ V.T) < 1e-12
+    sparse, sparse_mask = zigspark.spark_ffn(x, K1, K2, V, 0.25, std_correction=1, sparse=True, return_mask=True)
+    assert torch.equal(sparse_mask, mask) and max_abs_err(sparse, out) < 1e-12
+    layer = SparkFFN(32, 9, density=0.25, predictor_dim=8, std_correction=1).double().eval()
+    with torch.no_grad():
+        for name, t in (("K1", K1), ("K2", K2), ("V", V)):
+            getattr(layer, name).copy_(t)
+        assert max_abs_err(layer(x), out) < 1e-12
+    with pytest.raises(ValueError, match=r"SparkFFN: std_correction must be a number in \[0, 1\]"):
+        SparkFFN(32, 64, std_correction=-1)
+    with pytest.raises(ValueError, match="spark_ffn: std_correction"):
+        zigspark.spark_ffn(x, K1, K2, V, 0.25, std_correction=2, sparse=True)
+
+
+@pytest.mark.cpu
 def test_spark_ffn_bad_inputs():
     K1, K2, V = ffn_params()
     x = torch.randn(2, 32, dtype=torch.float64)

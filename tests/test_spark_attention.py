@@ -24,7 +24,7 @@ from numerics import assert_by_rule, max_abs_err
 cpu = pytest.mark.cpu
 
 
-def naive_spark_attention(q, k, v, top_k, r, causal, scales=None):
+def naive_spark_attention(q, k, v, top_k, r, causal, scales=None, std_correction=0.0, renormalize_gate=False):
     """Oracle of the oracle: one query at a time, float64, straight from the formula. Differentiable.
     -> (out, lse, θ, kept)."""
     batch, seqlen_q, heads, head_dim = q.shape
@@ -45,14 +45,19 @@ def naive_spark_attention(q, k, v, top_k, r, causal, scales=None):
                 s1 = ks[:, :r] @ qi[:r] * a
                 s2 = ks[:, r:] @ qi[r:] * c
                 if n > top_k:
-                    th = s1.mean() + s1.std(unbiased=False) * statistics.NormalDist().inv_cdf(1 - top_k / n)
+                    std = ((s1 - s1.mean()).square().sum() / (n - std_correction)).sqrt()
+                    th = s1.mean() + std * statistics.NormalDist().inv_cdf(1 - top_k / n)
                     keep = s1 > th
                     theta[b, h, i] = th.detach()
                 else:
                     keep = torch.ones(n, dtype=torch.bool)
                 w = torch.softmax(s1.masked_fill(~keep, -math.inf), 0) * F.softplus(s2)
+                if renormalize_gate:
+                    w = w / w.sum()
+                    lse[b, h, i] = torch.logsumexp((s1 + F.softplus(s2).log())[keep], 0).detach()
+                else:
+                    lse[b, h, i] = torch.logsumexp(s1[keep], 0).detach()
                 rows.append(w @ vs)
-                lse[b, h, i] = torch.logsumexp(s1[keep], 0).detach()
                 kept[b, h, i] = keep.sum()
     out = torch.stack(rows).reshape(batch, heads, seqlen_q, head_dim).transpose(1, 2)
     return out, lse, theta, kept
@@ -62,9 +67,14 @@ def finite(t):
     return t.masked_fill(torch.isinf(t), 0.0)
 
 
-def fwd_op(q, k, v, top_k, r, causal, backend, chunk=1024):
+def fwd_op(q, k, v, top_k, r, causal, backend, chunk=1024, std_correction=0.0, renormalize_gate=False):
     scales = ref_attn.default_scales(q.shape[-1], r)
-    return torch.ops.zigspark.spark_attention_fwd(q, k, v, top_k, r, *scales, causal, chunk, backend)
+    return torch.ops.zigspark.spark_attention_fwd(q, k, v, top_k, r, *scales, std_correction, renormalize_gate,
+                                                  causal, chunk, backend)
+
+
+OPTIONS = [dict(), dict(std_correction=1.0), dict(renormalize_gate=True), dict(std_correction=0.5,
+                                                                              renormalize_gate=True)]
 
 
 CPU_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, causal
@@ -84,50 +94,88 @@ def inputs(case, dtype=torch.float64, seed=0, requires_grad=False):
 
 
 @cpu
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
 @pytest.mark.parametrize("case", CPU_CASES, ids=str)
-def test_reference_op_matches_naive(case):
+def test_reference_op_matches_naive(case, options):
     *_, r, top_k, causal = case
     q, k, v = inputs(case)
-    out, lse, theta, kept = fwd_op(q, k, v, top_k, r, causal, "reference", chunk=4)
-    n_out, n_lse, n_theta, n_kept = naive_spark_attention(q, k, v, top_k, r, causal)
+    out, lse, theta, kept = fwd_op(q, k, v, top_k, r, causal, "reference", chunk=4, **options)
+    n_out, n_lse, n_theta, n_kept = naive_spark_attention(q, k, v, top_k, r, causal, **options)
     assert max_abs_err(out, n_out) < 1e-12
     assert torch.equal(kept, n_kept)
     for name, a, e in (("lse", lse, n_lse), ("theta", theta, n_theta)):
         assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{name}: −∞ pattern differs"
         assert max_abs_err(finite(a), finite(e)) < 1e-12, name
-    public, public_kept = zigspark.spark_attention(q, k, v, top_k, r, causal=causal, chunk=4, return_kept=True)
+    public, public_kept = zigspark.spark_attention(q, k, v, top_k, r, causal=causal, chunk=4, return_kept=True,
+                                                   **options)
     assert torch.equal(public, out) and torch.equal(public_kept, kept)
 
 
 @cpu
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
 @pytest.mark.parametrize("case", CPU_CASES, ids=str)
-def test_reference_backward_matches_autograd_of_naive(case):
+def test_reference_backward_matches_autograd_of_naive(case, options):
     *_, r, top_k, causal = case
     q, k, v = inputs(case, requires_grad=True)
-    out = zigspark.spark_attention(q, k, v, top_k, r, causal=causal, chunk=4, backend="reference")
+    out = zigspark.spark_attention(q, k, v, top_k, r, causal=causal, chunk=4, backend="reference", **options)
     g = torch.randn_like(out)
     closed = torch.autograd.grad(out, (q, k, v), g)
-    auto = torch.autograd.grad(naive_spark_attention(q, k, v, top_k, r, causal)[0], (q, k, v), g)
+    auto = torch.autograd.grad(naive_spark_attention(q, k, v, top_k, r, causal, **options)[0], (q, k, v), g)
     for name, c, a in zip("qkv", closed, auto):
         assert max_abs_err(c, a) < 1e-10, f"d{name}"
 
 
 @cpu
+@pytest.mark.parametrize("renormalize_gate", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradcheck_float64(causal):
+def test_gradcheck_float64(causal, renormalize_gate):
     q, k, v = inputs((1, 6, 7, 2, 8), requires_grad=True, seed=3)
     assert torch.autograd.gradcheck(
-        lambda *t: zigspark.spark_attention(*t, top_k=2, predictor_dim=3, causal=causal, chunk=4), (q, k, v))
+        lambda *t: zigspark.spark_attention(*t, top_k=2, predictor_dim=3, causal=causal, chunk=4,
+                                            renormalize_gate=renormalize_gate), (q, k, v))
+
+
+@cpu
+def test_options_change_what_they_should():
+    """std_correction = 1 scales σ·z by √(n/(n − 1)): where z > 0 (n > 2·top_k) θ rises, so fewer keys are
+    kept, never more; a renormalised gate gives weights summing to 1 (v = 1 returns 1 wherever a key is
+    kept), also when every gate underflows."""
+    q, k, v = inputs((1, 30, 30, 2, 16), seed=7)
+    _, kept = zigspark.spark_attention(q, k, v, 6, 4, causal=True, return_kept=True)
+    _, sample_kept = zigspark.spark_attention(q, k, v, 6, 4, causal=True, std_correction=1, return_kept=True)
+    above, below = sample_kept[..., 12:], kept[..., 12:]          # query i sees i + 1 > 12 keys
+    assert (above <= below).all() and (above < below).any()
+    ones = torch.ones_like(v)
+    assert max_abs_err(zigspark.spark_attention(q, k, ones, 6, 4, renormalize_gate=True), ones) < 1e-12
+    assert max_abs_err(zigspark.spark_attention(q, k, ones, 6, 4), ones) > 0.1      # the default's sums ≠ 1
+    # gates far below softplus's underflow: log g = s2 there, so W = softmax(s1 + s2) over the kept keys
+    cold = k.clone()
+    cold[..., 4:] = 1e4 * q[:, :1, :, 4:].sign()
+    q2 = q.clone()
+    q2[..., 4:] = -q2[:, :1, :, 4:].sign().expand_as(q2[..., 4:]) * q2[..., 4:].abs()
+    out, kept = zigspark.spark_attention(q2, cold, v, 6, 4, causal=False, renormalize_gate=True, return_kept=True)
+    assert torch.isfinite(out).all()
+    s1 = torch.einsum("bihd,bjhd->bhij", q2[..., :4], cold[..., :4]) / 2
+    s2 = torch.einsum("bihd,bjhd->bhij", q2[..., 4:], cold[..., 4:]) / math.sqrt(12)
+    assert s2.max() < -80, "construction: every gate should underflow"
+    n_out = naive_spark_attention(q2, cold, v, 6, 4, False)[0]       # the default, whose weights all underflow
+    assert n_out.abs().max() < 1e-30
+    theta = fwd_op(q2, cold, v, 6, 4, False, "reference")[2]
+    w = torch.softmax((s1 + s2).masked_fill(s1 <= theta[..., None], -math.inf), -1)
+    assert max_abs_err(out, (w @ v.transpose(1, 2)).transpose(1, 2)) < 1e-10
+    assert torch.equal(kept, (s1 > theta[..., None]).sum(-1))
 
 
 @cpu
 def test_opcheck_and_compile():
     q, k, v = inputs((1, 5, 6, 2, 8), dtype=torch.float32, seed=1)
-    args = (q, k, v, 2, 3, 0.5, 0.4, True, 4, "reference")
-    torch.library.opcheck(torch.ops.zigspark.spark_attention_fwd.default, args)
-    out, lse, theta, _ = torch.ops.zigspark.spark_attention_fwd(*args)
-    torch.library.opcheck(torch.ops.zigspark.spark_attention_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, theta, 3, 0.5, 0.4, True, 4, "reference"))
+    for correction, renorm in ((0.0, False), (1.0, True)):
+        args = (q, k, v, 2, 3, 0.5, 0.4, correction, renorm, True, 4, "reference")
+        torch.library.opcheck(torch.ops.zigspark.spark_attention_fwd.default, args)
+        out, lse, theta, _ = torch.ops.zigspark.spark_attention_fwd(*args)
+        torch.library.opcheck(torch.ops.zigspark.spark_attention_bwd.default,
+                              (torch.randn_like(out), q, k, v, out, lse, theta, 3, 0.5, 0.4, renorm, True, 4,
+                               "reference"))
     fn = lambda t: zigspark.spark_attention(t, t, t, top_k=3, causal=True)  # noqa: E731
     x = torch.randn(1, 9, 2, 16)
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), fn(x))
@@ -207,6 +255,15 @@ def test_layer_checks_its_arguments_when_built():
         SparkAttention(32, 2, 16, predictor_dim=16)
     with pytest.raises(ValueError, match="top_k must be a positive int"):
         SparkAttention(32, 2, 16, top_k=0)
+    with pytest.raises(ValueError, match=r"SparkAttention: std_correction must be a number in \[0, 1\]"):
+        SparkAttention(32, 2, 16, std_correction=2)
+    with pytest.raises(TypeError, match="SparkAttention: renormalize_gate must be a bool"):
+        SparkAttention(32, 2, 16, renormalize_gate="yes")
+    layer = SparkAttention(32, 2, 16, top_k=3, std_correction=1, renormalize_gate=True).double()
+    x = torch.randn(1, 9, 32, dtype=torch.float64)
+    qkv = layer.qkv(x).reshape(1, 9, 3, 2, 16).unbind(2)
+    expected = zigspark.spark_attention(*qkv, 3, 4, causal=True, std_correction=1, renormalize_gate=True)
+    torch.testing.assert_close(layer(x), layer.out(expected.reshape(1, 9, 32)))
 
 
 @cpu
@@ -228,6 +285,11 @@ def test_bad_inputs():
         (dict(q=q.long()), TypeError, "q must have a floating dtype"),
         (dict(q=q[:, :0]), ValueError, "empty attention"),
         (dict(chunk=0), ValueError, "chunk must be >= 1"),
+        (dict(std_correction=-0.1), ValueError, r"std_correction must be a number in \[0, 1\]"),
+        (dict(std_correction=1.5), ValueError, "std_correction"), (dict(std_correction=float("nan")), ValueError,
+                                                                    "std_correction"),
+        (dict(std_correction="1"), ValueError, "std_correction"),
+        (dict(renormalize_gate=1), TypeError, "renormalize_gate must be a bool"),
         (dict(backend="fast"), ValueError, "backend must be one of"),
     ]
     for override, exc, match in cases:
@@ -249,16 +311,16 @@ def tie_rows_allowed(rows: int) -> int:
     return 2 + rows // 1000
 
 
-def check_spark_backend(device, dtype, case, rel_floor=0.0):
+def check_spark_backend(device, dtype, case, rel_floor=0.0, **options):
     """Kernel vs the reference in float64 by the numerics rule: out, θ, lse, dq, dk, dv; kept counts vs the
-    reference run from the same low-precision inputs."""
+    reference run from the same low-precision inputs. options: std_correction, renormalize_gate."""
     b, sq, sk, h, d, r, top_k, causal = case
     torch.manual_seed(sq * 131 + sk * 7 + d)
     q64, k64, v64, g64 = (torch.randn(b, s, h, d, dtype=torch.float64, device=device) for s in (sq, sk, sk, sq))
 
     def forward(dt, backend):
         leaves = [t.to(dt).requires_grad_(True) for t in (q64, k64, v64)]
-        return leaves, fwd_op(*leaves, top_k, r, causal, backend)
+        return leaves, fwd_op(*leaves, top_k, r, causal, backend, **options)
 
     kernel, ref64, reflow = forward(dtype, "triton"), forward(torch.float64, "reference"), forward(dtype, "reference")
     k_kept, lo_kept = kernel[1][3], reflow[1][3]
@@ -313,6 +375,32 @@ def test_triton_matches_reference(triton_device, dtype, case):
 @pytest.mark.parametrize("case", [INTERPRET_CASES[i] for i in (0, 1, 2, 5)], ids=str)
 def test_triton_matches_reference_small_tiles(triton_device, small_tiles, dtype, case):
     check_spark_backend(triton_device, dtype, case)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [INTERPRET_CASES[i] for i in (0, 1, 2, 5)], ids=str)
+def test_triton_renormalized_gate_and_sample_std(triton_device, small_tiles, dtype, case):
+    check_spark_backend(triton_device, dtype, case, std_correction=1.0, renormalize_gate=True)
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # sigmoid/g where g = 0, unselected
+def test_triton_renormalized_gate_underflow(triton_device):
+    """Every gate below softplus's underflow: the kernels' log g = s2 keeps W = softmax(s1 + s2) finite."""
+    q, k, v = (t.float().to(triton_device) for t in inputs((1, 20, 20, 2, 16), seed=8))
+    k[..., 4:] = 1e3 * q[:, :1, :, 4:].sign()
+    q[..., 4:] = -q[:, :1, :, 4:].sign() * q[..., 4:].abs().clamp_min(0.5)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    results = []
+    for backend in ("triton", "reference"):
+        out = zigspark.spark_attention(*leaves, 5, 4, causal=True, renormalize_gate=True, backend=backend)
+        results.append((out, torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    (out, grads), (r_out, r_grads) = results
+    assert torch.isfinite(out).all() and r_out.abs().max() > 0.01
+    assert max_abs_err(out, r_out) < 1e-4
+    for a, e in zip(grads, r_grads):
+        assert torch.isfinite(a).all() and max_abs_err(a, e) < 1e-3 * max(1.0, e.abs().max().item())
 
 
 @pytest.mark.interpret
@@ -431,6 +519,14 @@ GPU_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, causal
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_gpu_triton_matches_reference(dtype, case):
     check_spark_backend(torch.device("cuda"), dtype, case, rel_floor=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [GPU_CASES[i] for i in (1, 2, 4)], ids=str)
+def test_gpu_triton_renormalized_gate_and_sample_std(dtype, case):
+    check_spark_backend(torch.device("cuda"), dtype, case, rel_floor=1e-4, std_correction=1.0,
+                        renormalize_gate=True)
 
 
 @pytest.mark.gpu

@@ -119,6 +119,29 @@ def test_closed_form_backward_matches_autograd_through_reference():
 
 
 @cpu
+@pytest.mark.parametrize("d", [7, 300])
+def test_std_correction_gives_the_corrected_std_threshold(d):
+    """std_correction = c: θ = mean + z·sqrt(Σ(x − mean)²/(d − c)), forward, mask and the gradient through θ."""
+    x = torch.randn(5, d, dtype=torch.float64, requires_grad=True)
+    k = max(1, d // 5)
+    z = statistics.NormalDist().inv_cdf(1 - k / d)
+    for c in (0.0, 0.5, 1.0):
+        xs = x.detach()
+        theta = xs.mean(-1, keepdim=True) + z * xs.var(-1, correction=c, keepdim=True).sqrt()
+        y, mask = zigspark.stat_topk(x, k, std_correction=c, return_mask=True)
+        assert max_abs_err(y, torch.relu(xs - theta)) < 1e-12 and torch.equal(mask, xs > theta)
+        assert max_abs_err(zigspark.stat_topk_threshold(xs, k, std_correction=c, keepdim=True), theta) < 1e-12
+        g = torch.randn(5, d, dtype=torch.float64)
+        expected = torch.autograd.grad(torch.relu(x - x.mean(-1, keepdim=True) - z * x.var(-1, correction=c,
+                                                                                    keepdim=True).sqrt()), x, g)[0]
+        assert max_abs_err(torch.autograd.grad(y, x, g)[0], expected) < 1e-12
+    assert torch.autograd.gradcheck(lambda t: zigspark.stat_topk(t, k, std_correction=1), (x,))
+    for bad in (-0.1, 1.5, float("nan"), "1", None):
+        with pytest.raises(ValueError, match=r"stat_topk: std_correction must be a number in \[0, 1\]"):
+            zigspark.stat_topk(x, k, std_correction=bad)
+
+
+@cpu
 def test_threshold_is_differentiable():
     x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: zigspark.stat_topk_threshold(t, density=0.2), (x,))

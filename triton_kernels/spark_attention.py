@@ -6,17 +6,21 @@ predictor_scale, gate_scale); key j is visible to query i when
 j ≤ i + S_k − S_q (causal, bottom-right aligned) or always (non-causal); n_i keys are visible.
 
     s1_ij = a·q_i[:r]·k_j[:r]                  s2_ij = c·q_i[r:]·k_j[r:]
-    θ_i   = μ_i + σ_i·z_i,  z_i = Φ⁻¹(1 − top_k/n_i)   (μ, σ: mean and population std of s1 over the
-            visible keys; θ_i = −∞, every visible key kept, when n_i ≤ top_k (z_i = −∞) or σ_i = 0)
-    keep  = visible ∧ s1 > θ,   P = softmax over kept keys of s1,   g = softplus(s2),   W = P ⊙ g
-    o_i   = Σ_j W_ij·v_j,   lse_i = log Σ_{j kept} e^{s1_ij}
+    θ_i   = μ_i + σ_i·z_i,  z_i = Φ⁻¹(1 − top_k/n_i)·√(n_i/(n_i − std_correction))   (μ, σ: mean and
+            population std of s1 over the visible keys, so that σ·z is the corrected std's; θ_i = −∞,
+            every visible key kept, when n_i ≤ top_k (z_i = −∞) or σ_i = 0)
+    keep  = visible ∧ s1 > θ,   g = softplus(s2),   t = s1 (RENORM: s1 + log g)
+    lse_i = log Σ_{j kept} e^{t_ij},   W = e^{t − lse} ⊙ g (RENORM: e^{t − lse}, the gate renormalised)
+    o_i   = Σ_j W_ij·v_j
 
 Backward (θ gets no gradient: the mask is piecewise constant). With dpv_ij = dO_i·v_j and
 Δ_i = Σ_j W_ij·dpv_ij = dO_i·o_i:
 
     dV = Wᵀ·dO
-    ∂W_ij/∂s2_ij = P_ij·sigmoid(s2_ij)              → ds2 = P ⊙ dpv ⊙ sigmoid(s2)
-    dP = g ⊙ dpv, softmax Jacobian P(dP − Σ P·dP)   → ds1 = P ⊙ (g ⊙ dpv − Δ)       (Σ_j P g dpv = Δ)
+    gate multiplies (P = e^{s1 − lse}):
+      ∂W_ij/∂s2_ij = P_ij·sigmoid(s2_ij)              → ds2 = P ⊙ dpv ⊙ sigmoid(s2)
+      dP = g ⊙ dpv, softmax Jacobian P(dP − Σ P·dP)   → ds1 = P ⊙ (g ⊙ dpv − Δ)       (Σ_j P g dpv = Δ)
+    RENORM (W a softmax over t):   ds1 = W ⊙ (dpv − Δ),   ds2 = ds1 ⊙ sigmoid(s2)/g
     dq[:r] = a·ds1·k[:r],  dq[r:] = c·ds2·k[r:],  dk[:r] = a·ds1ᵀ·q[:r],  dk[r:] = c·ds2ᵀ·q[r:]
 
 Kernels (one program per (query or key block, batch·head)):
@@ -93,6 +97,9 @@ def _predictor(q1, k1t, theta, offs_m, offs_n, seqlen_q, seqlen_k, scale1,
     return s1, keep
 
 
+LOG_GATE_CUTOFF = tl.constexpr(-80.0)  # the reference's: log softplus(x) = x below it
+
+
 @triton.jit
 def _softplus(x):
     """log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|}), with log1p(t) = log(u)·t/(u − 1), u = 1 + t (exact to a
@@ -101,6 +108,12 @@ def _softplus(x):
     u = 1.0 + t
     log1p = tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
     return tl.maximum(x, 0.0) + log1p
+
+
+@triton.jit
+def _log_gate(x):
+    """log softplus(x), = x below the cutoff, where softplus would soon underflow to 0 and its log to −∞."""
+    return tl.where(x < LOG_GATE_CUTOFF, x, tl.log(_softplus(x)))
 
 
 # ---- θ: mean and std of s1 over the visible keys, merged tile by tile --------------------------------------
@@ -155,7 +168,7 @@ def _fwd_kernel(
     Q, K, V, THETA, O, LSE, KEPT,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
     seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, RENORM: tl.constexpr,
     WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -187,13 +200,18 @@ def _fwd_kernel(
         kept += kept_t
         if tl.sum(kept_t, axis=0) > 0:  # the selection: a tile nobody keeps never reads K[r:] or V
             s2 = _dot(q2, _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, r, offs_e, rest, WIDE), IEEE) * scale2
-            m_new = tl.maximum(m_i, tl.max(tl.where(keep, s1, float("-inf")), axis=1))
+            if RENORM:  # the softmax runs over t = s1 + log g: the gated weights sum to 1
+                t = tl.where(keep, s1 + _log_gate(s2), float("-inf"))
+            else:
+                t = tl.where(keep, s1, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(t, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # rows that have kept nothing yet
-            p = tl.where(keep, tl.exp2((s1 - m_safe[:, None]) * LOG2E), 0.0)
+            p = tl.where(keep, tl.exp2((t - m_safe[:, None]) * LOG2E), 0.0)
             alpha = tl.exp2((m_i - m_safe) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = _tile(v_base, start_n, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim, WIDE)
-            acc = acc * alpha[:, None] + _dot((p * _softplus(s2)).to(v.dtype), v, IEEE)
+            w = p if RENORM else p * _softplus(s2)
+            acc = acc * alpha[:, None] + _dot(w.to(v.dtype), v, IEEE)
             m_i = m_new
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -208,13 +226,20 @@ def _fwd_kernel(
 # ---- backward --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _score_grads(s1, keep, s2, lse, delta, dpv):
-    """From a tile's scores: W = P ⊙ g (for dV), ds1 and ds2 (formula at the top of the file)."""
-    p = tl.where(keep, tl.exp2((s1 - lse[:, None]) * LOG2E), 0.0)   # lse is finite wherever keep holds
+def _score_grads(s1, keep, s2, lse, delta, dpv, RENORM: tl.constexpr):
+    """From a tile's scores: W (for dV), ds1 and ds2 (formula at the top of the file)."""
     g = _softplus(s2)
-    ds2 = p * dpv * tl.sigmoid(s2)
-    ds1 = p * (g * dpv - delta[:, None])
-    return p * g, ds1, ds2
+    if RENORM:
+        w = tl.where(keep, tl.exp2((s1 + _log_gate(s2) - lse[:, None]) * LOG2E), 0.0)
+        ds1 = w * (dpv - delta[:, None])
+        # sigmoid/softplus → 1 as s2 → −∞; below the cutoff softplus may already be 0
+        ds2 = ds1 * tl.where(s2 < LOG_GATE_CUTOFF, 1.0, tl.sigmoid(s2) / g)
+        return w, ds1, ds2
+    else:
+        p = tl.where(keep, tl.exp2((s1 - lse[:, None]) * LOG2E), 0.0)   # lse is finite wherever keep holds
+        ds2 = p * dpv * tl.sigmoid(s2)
+        ds1 = p * (g * dpv - delta[:, None])
+        return p * g, ds1, ds2
 
 
 @triton.jit
@@ -223,7 +248,7 @@ def _bwd_dkdv_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
     sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
     seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, RENORM: tl.constexpr,
     WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -260,7 +285,7 @@ def _bwd_dkdv_kernel(
             lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
             s2 = _dot(q2, k2t, IEEE) * scale2
-            w, ds1, ds2 = _score_grads(s1, keep, s2, lse, delta, _dot(do, vt, IEEE))
+            w, ds1, ds2 = _score_grads(s1, keep, s2, lse, delta, _dot(do, vt, IEEE), RENORM)
             dv += _dot(tl.trans(w).to(do.dtype), do, IEEE)
             dk1 += _dot(tl.trans(ds1).to(q1.dtype), q1, IEEE)
             dk2 += _dot(tl.trans(ds2).to(q2.dtype), q2, IEEE)
@@ -279,7 +304,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, THETA, LSE, DELTA, DQ,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
     seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, RENORM: tl.constexpr,
     WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -312,7 +337,7 @@ def _bwd_dq_kernel(
             k2t = _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, r, offs_e, rest, WIDE)
             vt = _tile_t(v_base, start_n, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim, WIDE)
             s2 = _dot(q2, k2t, IEEE) * scale2
-            _, ds1, ds2 = _score_grads(s1, keep, s2, lse, delta, _dot(do, vt, IEEE))
+            _, ds1, ds2 = _score_grads(s1, keep, s2, lse, delta, _dot(do, vt, IEEE), RENORM)
             dq1 += _dot(ds1.to(k1t.dtype), tl.trans(k1t), IEEE)
             dq2 += _dot(ds2.to(k2t.dtype), tl.trans(k2t), IEEE)
     dq_rows = _rows(DQ + b * sdq_b + h * sdq_h, m0, offs_m, sdq_s, WIDE)[:, None]
@@ -360,15 +385,18 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def quantile_z(seqlen_q: int, seqlen_k: int, top_k: int, causal: bool, device) -> torch.Tensor:
-    """z_i = Φ⁻¹(1 − top_k/n_i) (−∞ where n_i ≤ top_k), (seqlen_q,) float32: it depends on the row only, so
-    the host computes it once (torch.special.ndtri), exactly as the reference does."""
+def quantile_z(seqlen_q: int, seqlen_k: int, top_k: int, causal: bool, device, std_correction: float = 0.0
+               ) -> torch.Tensor:
+    """z_i = Φ⁻¹(1 − top_k/n_i)·√(n_i/(n_i − std_correction)) (−∞ where n_i ≤ top_k), (seqlen_q,) float32:
+    it depends on the row only, so the host computes it once (torch.special.ndtri), as the reference does."""
     from ..reference.spark_attention import quantile_z as z_of, visible_counts
 
-    return z_of(visible_counts(seqlen_q, seqlen_k, causal, device), top_k, torch.float32).contiguous()
+    return z_of(visible_counts(seqlen_q, seqlen_k, causal, device), top_k, torch.float32,
+                std_correction).contiguous()
 
 
-def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool, scale1: float, scale2: float):
+def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool, scale1: float, scale2: float,
+                        std_correction: float = 0.0, renormalize_gate: bool = False):
     """-> (out (B, S_q, H, D) in q's dtype, lse, θ (B, H, S_q) float32, kept (B, H, S_q) int64).
     q, k, v: one dtype (fp16, bf16 or fp32), same heads, last dimension contiguous."""
     batch, seqlen_q, heads, head_dim = q.shape
@@ -379,7 +407,7 @@ def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool, scale1: float
     lse = new_output((batch, heads, seqlen_q), torch.float32, q.device)
     kept = new_output((batch, heads, seqlen_q), torch.int64, q.device)
     out = new_output_like(q)
-    z = quantile_z(seqlen_q, seqlen_k, top_k, causal, q.device)
+    z = quantile_z(seqlen_q, seqlen_k, top_k, causal, q.device, std_correction)
     long_rows = wide(q, k, v, out)
     for s, programs in _grid.batch_slices(batch, heads):
         grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), programs)
@@ -391,12 +419,13 @@ def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool, scale1: float
         _fwd_kernel[grid](
             q[s], k[s], v[s], theta[s], out[s], lse[s], kept[s], *_strides(q), *_strides(k), *_strides(v),
             *_strides(out), seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee,
-            WIDE=long_rows, **cfg,
+            RENORM=bool(renormalize_gate), WIDE=long_rows, **cfg,
         )
     return out, lse, theta, kept
 
 
-def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool, scale1: float, scale2: float):
+def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool, scale1: float, scale2: float,
+                        renormalize_gate: bool = False):
     """-> (dq, dk, dv) in the inputs' dtypes, recomputing P from the saved lse and θ."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
@@ -416,12 +445,12 @@ def spark_attention_bwd(dout, q, k, v, out, lse, theta, r: int, causal: bool, sc
             q[s], k[s], v[s], dout[s], theta[s], lse[s], delta[s], dk[s], dv[s],
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
             seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee,
-            WIDE=long_rows, **kv_cfg,
+            RENORM=bool(renormalize_gate), WIDE=long_rows, **kv_cfg,
         )
         _bwd_dq_kernel[q_grid](
             q[s], k[s], v[s], dout[s], theta[s], lse[s], delta[s], dq[s],
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
             seqlen_q, seqlen_k, heads, r, head_dim, scale1, scale2, CAUSAL=causal, IEEE=ieee,
-            WIDE=long_rows, **q_cfg,
+            RENORM=bool(renormalize_gate), WIDE=long_rows, **q_cfg,
         )
     return dq, dk, dv

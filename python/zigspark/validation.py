@@ -64,6 +64,21 @@ def check_density(density, op: str) -> float:
     return float(density)
 
 
+def check_bool(name: str, value, op: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_std_correction(value, op: str) -> float:
+    """Bessel-style correction of the std behind a statistical top-k threshold: σ² = Σ(x − μ)²/(n − c),
+    c in [0, 1] (0: population std, the default; 1: sample std)."""
+    if not is_finite_real(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{op}: std_correction must be a number in [0, 1] (0: population std, 1: sample std), "
+                         f"got {value!r}")
+    return float(value)
+
+
 def check_int(name: str, value, minimum: int, *, optional: bool = False) -> int | None:
     """`value` as an int >= minimum (bools are not ints); None passes when `optional`."""
     if value is None and optional:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.spark import check_attention_sizes, spark_attention, spark_ffn
-from ..validation import check_density
+from ..validation import check_bool, check_density, check_std_correction
 
 
 class SparkFFN(nn.Module):
@@ -23,15 +23,17 @@ class SparkFFN(nn.Module):
     Args:
         d_model, d_ff: widths. density: target fraction of active neurons (paper: 0.08).
         predictor_dim: r, the input dimensions that feed the predictor (default d_model // 4).
+        std_correction: the threshold's std divides by d_ff − std_correction (0: population, 1: sample).
     """
 
     def __init__(self, d_model: int, d_ff: int, density: float = 0.08, predictor_dim: int | None = None,
-                 sparse_inference: bool = True, backend: str = "auto"):
+                 sparse_inference: bool = True, std_correction: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.r = d_model // 4 if predictor_dim is None else predictor_dim
         if not 0 < self.r < d_model:
             raise ValueError(f"predictor_dim must satisfy 0 < r < d_model = {d_model}, got {self.r}")
         check_density(density, "SparkFFN")
+        self.std_correction = check_std_correction(std_correction, "SparkFFN")
         self.d_model, self.d_ff, self.density = d_model, d_ff, density
         self.sparse_inference, self.backend = sparse_inference, backend
         bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
@@ -42,7 +44,7 @@ class SparkFFN(nn.Module):
     def forward(self, x: torch.Tensor, return_mask: bool = False):
         sparse = self.sparse_inference and not self.training and not torch.is_grad_enabled()
         return spark_ffn(x, self.K1, self.K2, self.V, self.density, sparse=sparse, return_mask=return_mask,
-                         backend=self.backend)
+                         std_correction=self.std_correction, backend=self.backend)
 
     def dense_equivalent(self) -> nn.Module:
         """A standard gated (GEGLU) FFN with the same parameter count, for comparison."""
@@ -50,7 +52,8 @@ class SparkFFN(nn.Module):
         return GatedFFN(self.d_model, hidden)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, d_ff={self.d_ff}, density={self.density}, predictor_dim={self.r}"
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, density={self.density}, predictor_dim={self.r}, "
+                f"std_correction={self.std_correction}")
 
 
 class GatedFFN(nn.Module):
@@ -69,14 +72,17 @@ class GatedFFN(nn.Module):
 class SparkAttention(nn.Module):
     """Multi-head Spark attention: each query keeps about `top_k` keys chosen by statistical top-k of the
     predictor scores (the first r dimensions of q and k), and the values are gated by softplus of the
-    remaining dimensions' scores. x (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+    remaining dimensions' scores. x (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+    std_correction and renormalize_gate: see zigspark.spark_attention."""
 
     def __init__(self, d_model: int, heads: int, head_dim: int, top_k: int = 256, predictor_dim: int | None = None,
                  causal: bool = True, predictor_scale: float | None = None, gate_scale: float | None = None,
-                 backend: str = "auto"):
+                 std_correction: float = 0.0, renormalize_gate: bool = False, backend: str = "auto"):
         super().__init__()
         self.heads, self.head_dim, self.top_k, self.causal, self.backend = heads, head_dim, top_k, causal, backend
         self.predictor_scale, self.gate_scale = predictor_scale, gate_scale
+        self.std_correction = check_std_correction(std_correction, "SparkAttention")
+        self.renormalize_gate = check_bool("renormalize_gate", renormalize_gate, "SparkAttention")
         self.r = check_attention_sizes(head_dim, top_k, predictor_dim)
         self.qkv = nn.Linear(d_model, 3 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, d_model, bias=False)
@@ -85,5 +91,6 @@ class SparkAttention(nn.Module):
         batch, seqlen, _ = x.shape
         q, k, v = self.qkv(x).reshape(batch, seqlen, 3, self.heads, self.head_dim).unbind(2)
         o = spark_attention(q, k, v, self.top_k, self.r, causal=self.causal, predictor_scale=self.predictor_scale,
-                            gate_scale=self.gate_scale, backend=self.backend)
+                            gate_scale=self.gate_scale, std_correction=self.std_correction,
+                            renormalize_gate=self.renormalize_gate, backend=self.backend)
         return self.out(o.reshape(batch, seqlen, self.heads * self.head_dim))

@@ -12,13 +12,16 @@ Spark attention, per head, with q, k split at r (predictor / remainder) and the 
     keep_ij = s1_ij > θ_i,  θ_i = mean_j s1_ij + std_j s1_ij·Φ⁻¹(1 − top_k/n_i)   (over the n_i visible keys;
               all visible keys are kept when n_i ≤ top_k, or when std = 0: equal scores all tie at θ)
     w_ij = softmax_{j kept}(s1_ij) · softplus(s2_ij),    o_i = Σ_j w_ij·v_j   (o_i = 0 if i sees no key)
+    (renormalize_gate=True: w_ij = softmax_{j kept}(s1_ij + log softplus(s2_ij)), i.e. w / Σ_j w)
 
 Choices where the paper's public description is open. Configurable (arguments of the ops and of
-zigspark.nn's layers): the predictor width r, the density or top_k, causal masking, and the scales of the
-two score parts (default: predictor scores by 1/√r, gate scores by 1/√(D − r)). Fixed here (every kernel
-and the reference assume them): the softplus gate multiplies the softmax weights without renormalising;
-the statistics of the top-k use the population std over the visible keys; a query whose visible
-predictor scores are all equal keeps every visible key.
+zigspark.nn's layers), with the defaults: the predictor width r (D // 4 in attention, d_model // 4 in the
+FFN), the density or top_k, causal masking, the scales of the two score parts (predictor scores by 1/√r,
+gate scores by 1/√(D − r)), the std behind every threshold (std_correction=0: the population std; 1: the
+sample std, for the FFN as well), and whether the softplus gate's weights are renormalised
+(renormalize_gate=False: the gate multiplies the softmax weights, which then need not sum to 1). Fixed
+(every kernel and the reference assume it): a query whose visible predictor scores are all equal keeps
+every visible key, since s1 > θ would otherwise keep none.
 
 The FFN trains on the dense-masked computation (exact gradients, through stat_topk's backward).
 Inference can run `spark_ffn(..., sparse=True)`, which computes only the active neurons: the reference
@@ -54,8 +57,8 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..reference import spark_attention as ref_attn
-from ..validation import (check_density, check_float_tensor, check_int, check_same_device, is_finite_real,
-                          last_dim_contiguous)
+from ..validation import (check_bool, check_density, check_float_tensor, check_int, check_same_device,
+                          check_std_correction, is_finite_real, last_dim_contiguous)
 from .stat_topk import stat_topk, stat_topk_fwd, survivor_quantile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -84,26 +87,30 @@ def _check_ffn(x, K1, K2, V, density):
     return check_same_device(x=x, K1=K1, K2=K2, V=V), r
 
 
-def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, backend="auto"):
+def spark_ffn(x, K1, K2, V, density=0.08, *, sparse=False, return_mask=False, std_correction=0.0,
+              backend="auto"):
     """Spark FFN (formula in the module docstring). x (..., d_model) -> (..., d_model).
 
     sparse=False: the dense-masked computation (training; differentiable). sparse=True: only the active
     neurons' K2 rows and V columns are read (inference; not differentiable). return_mask also returns the
-    (..., d_ff) boolean mask of active neurons.
+    (..., d_ff) boolean mask of active neurons. std_correction: the threshold's std over the d_ff
+    predictor values divides by d_ff − std_correction (0, the default: population; 1: sample std).
     """
     device, r = _check_ffn(x, K1, K2, V, density)
+    check_std_correction(std_correction, "spark_ffn")
     chosen = backends.resolve("spark_ffn", backend, device, x.dtype, size=x.numel() // max(1, x.shape[-1]))
     d_ff = K1.shape[0]
     if sparse:
         with torch.no_grad():
             out, mask = spark_ffn_infer(x.reshape(-1, x.shape[-1]).contiguous(), K1, K2, V,
-                                        survivor_quantile(d_ff, density=density), return_mask, chosen)
+                                        survivor_quantile(d_ff, density=density, std_correction=std_correction),
+                                        return_mask, chosen)
         out = out.reshape(x.shape)
         return (out, mask.reshape(*x.shape[:-1], d_ff)) if return_mask else out
     # backend='reference' is PyTorch throughout (the tests' oracle); otherwise the threshold takes the best
     # stat_topk kernel here
     gate, mask = stat_topk(F.linear(x[..., :r], K1), density=density, return_mask=True,
-                           backend="reference" if chosen == "reference" else "auto")
+                           std_correction=std_correction, backend="reference" if chosen == "reference" else "auto")
     out = F.linear(F.gelu(gate) * F.linear(x[..., r:], K2), V)
     return (out, mask) if return_mask else out
 
@@ -175,19 +182,22 @@ def _attn_kernels():
 
 @torch.library.custom_op("zigspark::spark_attention_fwd", mutates_args=())
 def spark_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, r: int, scale1: float,
-                        scale2: float, causal: bool, chunk: int, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        scale2: float, std_correction: float, renormalize_gate: bool, causal: bool, chunk: int,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B, S_q, H, D) in q's dtype, lse and θ (B, H, S_q) float32 (float64 for float64 inputs),
-    kept (B, H, S_q) int64)."""
+    kept (B, H, S_q) int64). lse normalises W: of s1 when the gate multiplies, of s1 + log g when it is
+    renormalised."""
     if backend == "triton":
-        return _attn_kernels().spark_attention_fwd(q, k, v, top_k, r, causal, scale1, scale2)
+        return _attn_kernels().spark_attention_fwd(q, k, v, top_k, r, causal, scale1, scale2, std_correction,
+                                                   renormalize_gate)
     with torch.no_grad():
-        out, lse, theta, kept = ref_attn.spark_attention_forward(q, k, v, top_k, r, causal, chunk, (scale1, scale2))
+        out, lse, theta, kept = ref_attn.spark_attention_forward(q, k, v, top_k, r, causal, chunk, (scale1, scale2),
+                                                                 std_correction, renormalize_gate)
     return torch.empty_like(q).copy_(out), lse.contiguous(), theta.contiguous(), kept.contiguous()
 
 
 @spark_attention_fwd.register_fake
-def _(q, k, v, top_k, r, scale1, scale2, causal, chunk, backend):
+def _(q, k, v, top_k, r, scale1, scale2, std_correction, renormalize_gate, causal, chunk, backend):
     batch, seqlen_q, heads, _ = q.shape
     stats = q.new_empty((batch, heads, seqlen_q), dtype=ref_attn.compute_dtype(q.dtype))
     return torch.empty_like(q), stats, torch.empty_like(stats), q.new_empty((batch, heads, seqlen_q),
@@ -196,34 +206,38 @@ def _(q, k, v, top_k, r, scale1, scale2, causal, chunk, backend):
 
 @torch.library.custom_op("zigspark::spark_attention_bwd", mutates_args=())
 def spark_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                        lse: torch.Tensor, theta: torch.Tensor, r: int, scale1: float, scale2: float, causal: bool,
-                        chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        lse: torch.Tensor, theta: torch.Tensor, r: int, scale1: float, scale2: float,
+                        renormalize_gate: bool, causal: bool, chunk: int, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) in the inputs' dtypes, from the forward's out (for Δ = dO·out), lse and θ."""
     if backend == "triton":
-        return _attn_kernels().spark_attention_bwd(dout, q, k, v, out, lse, theta, r, causal, scale1, scale2)
-    grads = ref_attn.spark_attention_backward(dout, q, k, v, out, lse, theta, r, causal, chunk, (scale1, scale2))
+        return _attn_kernels().spark_attention_bwd(dout, q, k, v, out, lse, theta, r, causal, scale1, scale2,
+                                                   renormalize_gate)
+    grads = ref_attn.spark_attention_backward(dout, q, k, v, out, lse, theta, r, causal, chunk, (scale1, scale2),
+                                              renormalize_gate)
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
 @spark_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, theta, r, scale1, scale2, causal, chunk, backend):
+def _(dout, q, k, v, out, lse, theta, r, scale1, scale2, renormalize_gate, causal, chunk, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _attn_setup_context(ctx, inputs, output):
-    q, k, v, top_k, r, scale1, scale2, causal, chunk, backend = inputs
+    q, k, v, top_k, r, scale1, scale2, std_correction, renormalize_gate, causal, chunk, backend = inputs
     out, lse, theta, kept = output
     ctx.save_for_backward(q, k, v, out, lse, theta)
     ctx.r, ctx.scales, ctx.causal, ctx.chunk, ctx.backend = r, (scale1, scale2), causal, chunk, backend
+    ctx.renormalize_gate = renormalize_gate
     ctx.mark_non_differentiable(lse, theta, kept)
 
 
 def _attn_backward(ctx, dout, dlse, dtheta, dkept):
     q, k, v, out, lse, theta = ctx.saved_tensors
     dout = last_dim_contiguous(dout.to(out.dtype))
-    dq, dk, dv = spark_attention_bwd(dout, q, k, v, out, lse, theta, ctx.r, *ctx.scales, ctx.causal, ctx.chunk,
-                                     ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = spark_attention_bwd(dout, q, k, v, out, lse, theta, ctx.r, *ctx.scales, ctx.renormalize_gate,
+                                     ctx.causal, ctx.chunk, ctx.backend)
+    return dq, dk, dv, *([None] * 9)
 
 
 spark_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -284,7 +298,7 @@ def _resolve_attention(backend, device, q, k):
 
 
 def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, predictor_scale=None, gate_scale=None,
-                    chunk=1024, return_kept=False, backend="auto"):
+                    std_correction=0.0, renormalize_gate=False, chunk=1024, return_kept=False, backend="auto"):
     """Spark attention (formula in the module docstring): each query attends to the keys whose predictor
     score beats its statistical top-k threshold, with softmax weights gated by softplus of the rest.
 
@@ -297,6 +311,10 @@ def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, pred
         predictor_scale, gate_scale: a and c of s1 = a·q[:r]·k[:r] and s2 = c·q[r:]·k[r:]; default 1/√r and
             1/√(head_dim − r). a is the softmax temperature of the kept keys; it does not change which keys
             are kept (θ scales with it).
+        std_correction: θ's std divides by n_i − std_correction: 0 (default) the population std, 1 the
+            sample std (θ a little higher, fewer keys kept when n_i is small).
+        renormalize_gate: False (default): W = softmax(s1) ⊙ softplus(s2), weights summing to Σ W ≠ 1;
+            True: W = softmax(s1 + log softplus(s2)) over the kept keys, the gated weights renormalised to 1.
         chunk: at most this many queries per step of the reference, which also bounds each step's scores
             (memory O(chunk·seqlen_k) per head at most); kernels ignore it.
         return_kept: also return the number of keys each query kept, (batch, heads, seqlen_q) int64.
@@ -312,8 +330,10 @@ def spark_attention(q, k, v, top_k=256, predictor_dim=None, *, causal=True, pred
     """
     device, r = _check_attention(q, k, v, top_k, predictor_dim, chunk)
     scales = _scales(q.shape[-1], r, predictor_scale, gate_scale)
+    correction = check_std_correction(std_correction, "spark_attention")
+    check_bool("renormalize_gate", renormalize_gate, "spark_attention")
     chosen = _resolve_attention(backend, device, q, k)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    out, _, _, kept = torch.ops.zigspark.spark_attention_fwd(q, k, v, int(top_k), int(r), *scales, bool(causal),
-                                                            int(chunk), chosen)
+    out, _, _, kept = torch.ops.zigspark.spark_attention_fwd(q, k, v, int(top_k), int(r), *scales, correction,
+                                                            renormalize_gate, bool(causal), int(chunk), chosen)
     return (out, kept) if return_kept else out

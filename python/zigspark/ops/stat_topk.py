@@ -2,7 +2,8 @@
 
 For each slice x of length d along `dim`, keeping about k values (k = density·d):
 
-    θ = mean(x) + std(x)·Φ⁻¹(1 − k/d)        (population std; statistics in ≥ float32)
+    θ = mean(x) + std(x)·Φ⁻¹(1 − k/d)        (statistics in ≥ float32)
+    std(x)² = Σ(x − mean)² / (d − std_correction)   (std_correction 0, the default: population std; 1: sample)
     stat_topk(x) = relu(x − θ)               (x's dtype),   mask = x > θ
 
 For Gaussian-like x about k values survive, in one read and one write of x instead of torch.topk's
@@ -22,7 +23,7 @@ import torch
 from .. import backends
 from .._alloc import new_output
 from ..reference import stat_topk as ref
-from ..validation import check_density, check_dim, check_float_tensor, last_dim_contiguous
+from ..validation import check_density, check_dim, check_float_tensor, check_std_correction, last_dim_contiguous
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 backends.register_op("stat_topk", {"reference": _DTYPES, "triton": _DTYPES, "cuda": _DTYPES}, size_key="d")
@@ -33,8 +34,10 @@ def _normal_quantile(p: float) -> float:
     return statistics.NormalDist().inv_cdf(p)
 
 
-def survivor_quantile(d: int, k=None, density=None) -> float:
-    """z = Φ⁻¹(1 − k/d) for exactly one of k (1 ≤ k < d) or density (0 < density < 1)."""
+def survivor_quantile(d: int, k=None, density=None, std_correction=0.0) -> float:
+    """z = Φ⁻¹(1 − k/d) for exactly one of k (1 ≤ k < d) or density (0 < density < 1), times
+    √(d/(d − std_correction)): the kernels compute the population std, and σ_pop·z is then the corrected
+    std's threshold (exactly, gradient included: θ is linear in σ_pop)."""
     if (k is None) == (density is None):
         raise ValueError("stat_topk: give exactly one of k (number of values to keep) and density (fraction to "
                          f"keep), got k={k!r}, density={density!r}")
@@ -46,7 +49,10 @@ def survivor_quantile(d: int, k=None, density=None) -> float:
         fraction = int(k) / d
     else:
         fraction = check_density(density, "stat_topk")
-    return _normal_quantile(1.0 - fraction)
+    correction = check_std_correction(std_correction, "stat_topk")
+    if correction and d <= 1:
+        raise ValueError(f"stat_topk: std_correction={correction} needs at least 2 values per slice, got d = {d}")
+    return _normal_quantile(1.0 - fraction) * ((d / (d - correction)) ** 0.5 if correction else 1.0)
 
 
 # ---- custom ops --------------------------------------------------------------------------------------
@@ -125,7 +131,7 @@ stat_topk_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---- public API --------------------------------------------------------------------------------------
 
 def stat_topk(x: torch.Tensor, k: int | None = None, *, density: float | None = None, dim: int = -1,
-              return_mask: bool = False, backend: str = "auto"):
+              return_mask: bool = False, std_correction: float = 0.0, backend: str = "auto"):
     """Keep about the k largest values of each slice along `dim`, in linear time.
 
     Args:
@@ -134,6 +140,7 @@ def stat_topk(x: torch.Tensor, k: int | None = None, *, density: float | None = 
         density: fraction to keep, 0 < density < 1 (k = density·d). Exclusive with `k`.
         dim: the dimension the statistics run over.
         return_mask: also return the boolean mask x > θ.
+        std_correction: the std divides by d − std_correction: 0 (default) population, 1 sample std.
         backend: "auto" | "cuda" | "triton" | "reference" (see zigspark.available_backends()).
 
     Returns:
@@ -155,7 +162,7 @@ def stat_topk(x: torch.Tensor, k: int | None = None, *, density: float | None = 
     if d == 0:
         raise ValueError(f"stat_topk: dimension {dim} of x is empty (x.shape = {tuple(x.shape)}); the statistics "
                          "need at least 2 values per slice")
-    z = survivor_quantile(d, k, density)
+    z = survivor_quantile(d, k, density, std_correction)
     chosen = backends.resolve("stat_topk", backend, x.device, x.dtype, size=d)
     moved = x.movedim(dim, -1)
     rows = last_dim_contiguous(moved.reshape(-1, d))
@@ -167,7 +174,7 @@ def stat_topk(x: torch.Tensor, k: int | None = None, *, density: float | None = 
 
 
 def stat_topk_threshold(x: torch.Tensor, k: int | None = None, *, density: float | None = None, dim: int = -1,
-                        keepdim: bool = False) -> torch.Tensor:
+                        keepdim: bool = False, std_correction: float = 0.0) -> torch.Tensor:
     """θ = mean + std·Φ⁻¹(1 − k/d) of each slice along `dim` (float32, or float64 for float64 x).
 
     Differentiable. `stat_topk(x, k)` equals relu(x − θ) with this θ (up to the dtype cast).
@@ -177,6 +184,6 @@ def stat_topk_threshold(x: torch.Tensor, k: int | None = None, *, density: float
     d = x.shape[dim] if x.dim() > 0 else 0
     if d == 0:
         raise ValueError(f"stat_topk_threshold: dimension {dim} of x is empty (x.shape = {tuple(x.shape)})")
-    z = survivor_quantile(d, k, density)
+    z = survivor_quantile(d, k, density, std_correction)
     theta = ref.stat_topk_threshold(x.movedim(dim, -1), z).movedim(-1, dim)
     return theta if keepdim else theta.squeeze(dim)
