@@ -7,10 +7,11 @@ F.linear predictor + stat_topk + the sparse kernels on the gate, which the fused
 launches), the dense-masked path, and the dense GEGLU baseline (SparkFFN.dense_equivalent()). The Spark paper's 1.40× GPU decode
 speedup is the bar.
 
-Attention (GPU sizes only; CPU and --quick runs time the FFN alone): every available backend of
+Attention (GPU sizes; CPU runs time the FFN alone, --quick adds one tiny decode and one tiny prefill row): every available backend of
 zigspark.spark_attention, forward and forward + backward, against torch SDPA and zigspark.flash_attention
-on the same q, k, v (dense attention over all keys: what Spark attention's key selection has to beat).
-Rows carry the mean number of keys kept per query.
+on the same q, k, v (dense attention over all keys: what Spark attention's key selection has to beat);
+and decode (one query per sequence against 4k–32k keys, forward only), where Triton's split-key kernels
+read K[r:] and V only for the kept keys. Rows carry the mean number of keys kept per query.
 
     python benchmarks/bench_spark.py [--quick]
 """
@@ -82,12 +83,15 @@ def sdpa(q, k, v, causal):
 
 
 def run_attention(device, configs, dtype, progress=print) -> list[dict]:
-    """Spark attention backends vs dense attention; configs are (batch, seqlen, heads, head_dim, top_k, causal)."""
+    """Spark attention backends vs dense attention; configs are (batch, seqlen_q, seqlen, heads, head_dim,
+    top_k, causal), seqlen the keys. seqlen_q < seqlen only without causal (SDPA's causal mask is aligned
+    top-left, zigspark's bottom-right), and forward only: decode."""
     results = common.result_rows()
-    for batch, seqlen, heads, head_dim, top_k, causal in configs:
-        make = lambda: tuple(torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype)  # noqa: E731
-                             for _ in range(3))
-        inputs = common.rotation(make, 3 * batch * seqlen * heads * head_dim * dtype.itemsize, device)
+    for batch, seqlen_q, seqlen, heads, head_dim, top_k, causal in configs:
+        assert seqlen_q == seqlen or not causal, "decode rows are non-causal (the masks align differently)"
+        make = lambda: tuple(torch.randn(batch, s, heads, head_dim, device=device, dtype=dtype)  # noqa: E731
+                             for s in (seqlen_q, seqlen, seqlen))
+        inputs = common.rotation(make, (seqlen_q + 2 * seqlen) * batch * heads * head_dim * dtype.itemsize, device)
         impls = {"dense torch SDPA": lambda q, k, v: sdpa(q, k, v, causal)}
         if backends.unavailable_reason("flash_attention", "triton", device, dtype) is None:
             impls["dense zigspark-triton flash"] = lambda q, k, v: zigspark.flash_attention(
@@ -107,11 +111,11 @@ def run_attention(device, configs, dtype, progress=print) -> list[dict]:
         # predictor dims (2·r) and only kept pairs on the rest and the values (2·(D − r) + 2·D)
         visible = (seqlen + 1) / 2 if causal else seqlen
         r = head_dim // 4
-        dense_flops = 4 * batch * heads * seqlen * visible * head_dim
+        dense_flops = 4 * batch * heads * seqlen_q * visible * head_dim
         spark_flops = None if kept is None else \
-            2 * batch * heads * seqlen * (visible * r + kept * (2 * head_dim - r))
+            2 * batch * heads * seqlen_q * (visible * r + kept * (2 * head_dim - r))
         for name, fn in impls.items():
-            row = {"batch": batch, "seqlen": seqlen, "heads": heads, "head_dim": head_dim,
+            row = {"batch": batch, "seqlen_q": seqlen_q, "seqlen": seqlen, "heads": heads, "head_dim": head_dim,
                    "top_k": top_k, "causal": causal, "dtype": str(dtype).replace("torch.", ""), "impl": name,
                    "mean_kept": kept if name.startswith("spark") else None,
                    "fwd_flops": spark_flops if name.startswith("spark") else dense_flops}
@@ -122,24 +126,36 @@ def run_attention(device, configs, dtype, progress=print) -> list[dict]:
                 leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
                 fn(*leaves).float().sum().backward()
 
-            row["fwd_bwd_ms"] = common.time_ms(fwd_bwd, inputs, device)
+            row["fwd_bwd_ms"] = common.time_ms(fwd_bwd, inputs, device) if seqlen_q == seqlen else None
             results.append(row)
-            progress(f"  b{batch} s{seqlen} h{heads} d{head_dim} top{top_k} {'causal' if causal else 'full':<6} "
-                     f"{name:<28} fwd {row['fwd_ms']:8.3f} ms  fwd+bwd {row['fwd_bwd_ms']:8.3f} ms")
+            both = "" if row["fwd_bwd_ms"] is None else f"  fwd+bwd {row['fwd_bwd_ms']:8.3f} ms"
+            progress(f"  b{batch} q{seqlen_q} s{seqlen} h{heads} d{head_dim} top{top_k} "
+                     f"{'causal' if causal else 'full':<6} {name:<28} fwd {row['fwd_ms']:8.3f} ms{both}")
     return results
 
 
 def run_cuda(device) -> dict:
     payload = run(device, 2048, 16384, [1, 4, 16, 2048], torch.bfloat16)
-    attention = [(4, 2048, 16, 64, 256, True), (2, 4096, 16, 128, 256, True), (2, 4096, 16, 128, 256, False),
-                 (1, 16384, 16, 128, 256, True), (1, 32768, 16, 128, 256, True)]  # 32k last: if cut off, the rest stay
+    decode = [(b, 1, s, 16, 128, 256, False) for b in (1, 8) for s in (4096, 32768)]
+    prefill = [(4, 2048, 2048, 16, 64, 256, True), (2, 4096, 4096, 16, 128, 256, True),
+               (2, 4096, 4096, 16, 128, 256, False), (1, 16384, 16384, 16, 128, 256, True),
+               (1, 32768, 32768, 16, 128, 256, True)]  # 32k last: if cut off, the rest stay
+    attention = decode + prefill
     payload["results"] += run_attention(device, attention, torch.bfloat16)
+    return payload
+
+
+def run_quick(device) -> dict:
+    """Tiny sizes of every row kind, so that each code path runs (the decode row splits its 512 keys in two)."""
+    payload = run(device, 32, 128, [1, 2], torch.float32)
+    payload["results"] += run_attention(device, [(1, 1, 512, 2, 16, 8, False), (1, 32, 32, 2, 16, 4, True)],
+                                        torch.float32)
     return payload
 
 
 def main(argv=None) -> int:
     return common.cli(__doc__, "spark_ffn", {
-        "quick": lambda device: run(device, 32, 128, [1, 2], torch.float32),
+        "quick": run_quick,
         "cuda": run_cuda,
         "cpu": lambda device: run(device, 512, 2048, [1, 4, 16], torch.float32),
     }, argv)

@@ -107,6 +107,11 @@ def case_spark_attention():
             for causal in (True, False):
                 q, k, v = _grad(*(torch.randn(1, 1024, 4, head_dim, dtype=dtype) for _ in range(3)))
                 zigspark.spark_attention(q, k, v, top_k=256, causal=causal, backend="triton").sum().backward()
+    for dtype in (torch.float32, *HALF):              # decode: the split-key kernels
+        for head_dim in (64, 128, 256) if dtype != torch.float32 else (64, 128):  # fp32 past 128 spills (_TILES)
+            q = torch.randn(1, 1, 4, head_dim, dtype=dtype)
+            k, v = (torch.randn(1, 4096, 4, head_dim, dtype=dtype) for _ in range(2))
+            zigspark.spark_attention(q, k, v, top_k=256, causal=True, backend="triton")
     for dtype in (torch.float32, torch.float16):      # the renormalised gate's variants (RENORM=True)
         q, k, v = _grad(*(torch.randn(1, 1024, 4, 128, dtype=dtype) for _ in range(3)))
         zigspark.spark_attention(q, k, v, top_k=256, causal=True, renormalize_gate=True, std_correction=1,
@@ -139,7 +144,8 @@ KERNELS = {   # every kernel an op launches must have been compiled by its case
                         "_attn_received_kernel"},
     "spark_ffn": {"_predictor_kernel", "_theta_kernel", "_active_values_kernel", "_project_kernel",
                   "_sum_splits_kernel"},
-    "spark_attention": {"_stats_kernel", "_fwd_kernel", "_attn_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
+    "spark_attention": {"_stats_kernel", "_fwd_kernel", "_attn_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+                        "_split_stats_kernel", "_split_fwd_kernel", "_split_merge_kernel"},
     "token_prune": {"_hiprune_kernel", "_gather_rows_kernel", "_scatter_rows_kernel"},
 }
 

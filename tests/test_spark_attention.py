@@ -403,6 +403,63 @@ def test_triton_renormalized_gate_underflow(triton_device):
         assert torch.isfinite(a).all() and max_abs_err(a, e) < 1e-3 * max(1.0, e.abs().max().item())
 
 
+DECODE_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, causal
+    (1, 1, 300, 2, 16, 4, 8, False),     # one query, many chunks
+    (2, 3, 200, 2, 40, 10, 6, True),     # causal: the queries see different key counts; padded parts
+    (1, 16, 130, 1, 16, 3, 4, True),     # a full block of queries; the last chunk short
+    (1, 5, 70, 2, 16, 4, 80, False),     # top_k above seqlen_k: dense
+]
+
+
+@pytest.fixture
+def split_decode(monkeypatch):
+    """Chunks of at least 16 keys, so that interpreter-sized decode shapes take the split-key kernels."""
+    from zigspark.triton_kernels import spark_attention as kernels
+
+    monkeypatch.setattr(kernels, "MIN_KEYS_PER_SPLIT", 16)
+    return kernels
+
+
+def decode_splits(kernels, case, dtype, device):
+    b, sq, sk, h, d, r, *_ = case
+    cfg = kernels._config(d, r, sq, sk, dtype == torch.float32, "decode")
+    return kernels.split_keys(b, h, sq, sk, cfg["BLOCK_N"], device)[1]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("options", [dict(), dict(std_correction=1.0, renormalize_gate=True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_triton_split_key_decode_matches_reference(triton_device, split_decode, dtype, case, options):
+    """The split-key forward (θ from merged chunk moments, partial softmaxes merged) against the reference;
+    the backward then runs the usual kernels on the θ and lse it wrote."""
+    assert decode_splits(split_decode, case, dtype, triton_device) > 1, "construction: the case must split"
+    check_spark_backend(triton_device, dtype, case, **options)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("split", [False, True])
+def test_triton_reads_only_kept_rows(triton_device, monkeypatch, split):
+    """Within a tile that some query keeps, only the kept keys' K[r:] and V rows are read: poisoning every
+    other key's with NaN changes nothing (at decode, where one query keeps top_k of many keys, that is
+    the selection itself)."""
+    from zigspark.triton_kernels import spark_attention as kernels
+
+    monkeypatch.setattr(kernels, "MIN_KEYS_PER_SPLIT", 16 if split else 10**9)
+    causal = False
+    q, k, v = (t.float().to(triton_device) for t in inputs((1, 2, 200, 2, 16), seed=9))
+    out, _, theta, kept = fwd_op(q, k, v, 6, 4, causal, "triton")
+    s1 = torch.einsum("bihd,bjhd->bhij", q[..., :4], k[..., :4]) / 2
+    used = (s1 > theta[..., None]).any(dim=2)                       # (B, H, S_k): kept by some query
+    assert (~used).sum() > 100, "construction: most keys should be unselected"
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[..., 4:].masked_fill_(~used.transpose(1, 2)[..., None], float("nan"))
+    poisoned_v.masked_fill_(~used.transpose(1, 2)[..., None], float("nan"))
+    again, _, _, again_kept = fwd_op(q, poisoned_k, poisoned_v, 6, 4, causal, "triton")
+    assert torch.equal(again, out) and torch.equal(again_kept, kept)
+    assert max_abs_err(out, fwd_op(q, k, v, 6, 4, causal, "reference")[0]) < 1e-5
+
+
 @pytest.mark.interpret
 def test_triton_in_batch_slices(triton_device, small_grid):
     """batch·heads over the grid limit: the kernels run once per slice of the batch, results unchanged."""
@@ -527,6 +584,24 @@ def test_gpu_triton_matches_reference(dtype, case):
 def test_gpu_triton_renormalized_gate_and_sample_std(dtype, case):
     check_spark_backend(torch.device("cuda"), dtype, case, rel_floor=1e-4, std_correction=1.0,
                         renormalize_gate=True)
+
+
+GPU_DECODE_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, causal: the split-key forward
+    (1, 1, 4096, 8, 128, 32, 256, True),
+    (4, 1, 32768, 8, 128, 32, 256, True),
+    (2, 16, 8192, 4, 64, 16, 256, True),
+    (1, 7, 5000, 2, 256, 64, 100, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GPU_DECODE_CASES, ids=str)
+def test_gpu_triton_split_key_decode_matches_reference(dtype, case):
+    from zigspark.triton_kernels import spark_attention as kernels
+
+    assert decode_splits(kernels, case, dtype, torch.device("cuda")) > 1, "construction: the case must split"
+    check_spark_backend(torch.device("cuda"), dtype, case, rel_floor=1e-4)
 
 
 @pytest.mark.gpu

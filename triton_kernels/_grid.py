@@ -20,3 +20,16 @@ def batch_slices(batch: int, per_sample: int) -> list[tuple[slice, int]]:
     step = GRID_Y_MAX // max(1, per_sample)
     return [(slice(start, min(batch, start + step)), (min(batch, start + step) - start) * per_sample)
             for start in range(0, max(batch, 1), step)]
+
+
+def split_range(total: int, splits: int, step: int) -> tuple[int, int]:
+    """(size, count): about `splits` pieces of range(total) in whole multiples of `step`, recounted so that
+    no piece is empty (the last may be short)."""
+    if splits < 1 or total < 1 or step < 1:
+        raise ValueError(f"need total >= 1, splits >= 1 and step >= 1, got total={total}, splits={splits}, "
+                         f"step={step}")
+    def cdiv(a, b):
+        return -(-a // b)
+
+    size = cdiv(cdiv(total, splits), step) * step
+    return size, cdiv(total, size)

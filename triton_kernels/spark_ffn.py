@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from .. import _cuda
 from .._alloc import new_output, new_output_like
+from . import _grid
 from .attention import _dot
 from .stat_topk import _div, _sqrt
 
@@ -185,8 +186,7 @@ def split_plan(d_ff: int, splits: int) -> tuple[int, int]:
     so that no split is empty."""
     if splits < 1 or d_ff < 1:
         raise ValueError(f"spark_ffn (triton): need d_ff >= 1 and splits >= 1, got d_ff={d_ff}, splits={splits}")
-    split_size = triton.cdiv(triton.cdiv(d_ff, splits), PROJECT_BLOCK_F) * PROJECT_BLOCK_F
-    return split_size, triton.cdiv(d_ff, split_size)
+    return _grid.split_range(d_ff, splits, PROJECT_BLOCK_F)
 
 
 def _active_and_project(x, gate, moments, K2, VT, r, z, threshold, splits=None):

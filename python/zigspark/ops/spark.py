@@ -44,8 +44,9 @@ Spark attention is registered as ``zigspark::spark_attention_fwd`` (→ out, lse
 scores, θ, kept counts) and ``zigspark::spark_attention_bwd`` (→ dq, dk, dv; the mask carries no
 gradient). Backends: the reference (zigspark/reference/spark_attention.py: chunked PyTorch with a
 closed-form backward) and fused Triton kernels (triton_kernels/spark_attention.py: a θ statistics pass, a
-forward that skips key tiles in which no key is selected, and a FlashAttention-2-style backward that
-skips the same tiles). A CUDA Spark-attention kernel is open work (#5).
+forward that skips key tiles in which no key is selected and reads K[r:] and V only for the keys some
+query of the tile keeps, a split-key form of both for decode (≤ 16 queries), and a FlashAttention-2-style
+backward that skips the same tiles). A CUDA Spark-attention kernel is open work (#5).
 """
 
 from __future__ import annotations
