@@ -112,6 +112,8 @@ def case_spark_attention():
             q = torch.randn(1, 1, 4, head_dim, dtype=dtype)
             k, v = (torch.randn(1, 4096, 4, head_dim, dtype=dtype) for _ in range(2))
             zigspark.spark_attention(q, k, v, top_k=256, causal=True, backend="triton")
+            if head_dim == 128:
+                zigspark.spark_attention(q, k, v, top_k=256, causal=True, renormalize_gate=True, backend="triton")
     for dtype in (torch.float32, torch.float16):      # the renormalised gate's variants (RENORM=True)
         q, k, v = _grad(*(torch.randn(1, 1024, 4, 128, dtype=dtype) for _ in range(3)))
         zigspark.spark_attention(q, k, v, top_k=256, causal=True, renormalize_gate=True, std_correction=1,

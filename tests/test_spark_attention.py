@@ -149,21 +149,44 @@ def test_options_change_what_they_should():
     assert max_abs_err(zigspark.spark_attention(q, k, ones, 6, 4, renormalize_gate=True), ones) < 1e-12
     assert max_abs_err(zigspark.spark_attention(q, k, ones, 6, 4), ones) > 0.1      # the default's sums ≠ 1
     # gates far below softplus's underflow: log g = s2 there, so W = softmax(s1 + s2) over the kept keys
-    cold = k.clone()
-    cold[..., 4:] = 1e4 * q[:, :1, :, 4:].sign()
-    q2 = q.clone()
-    q2[..., 4:] = -q2[:, :1, :, 4:].sign().expand_as(q2[..., 4:]) * q2[..., 4:].abs()
+    q2, cold, s2 = underflowing_gates(q, k)
     out, kept = zigspark.spark_attention(q2, cold, v, 6, 4, causal=False, renormalize_gate=True, return_kept=True)
-    assert torch.isfinite(out).all()
-    s1 = torch.einsum("bihd,bjhd->bhij", q2[..., :4], cold[..., :4]) / 2
-    s2 = torch.einsum("bihd,bjhd->bhij", q2[..., 4:], cold[..., 4:]) / math.sqrt(12)
-    assert s2.max() < -80, "construction: every gate should underflow"
     n_out = naive_spark_attention(q2, cold, v, 6, 4, False)[0]       # the default, whose weights all underflow
     assert n_out.abs().max() < 1e-30
+    s1 = torch.einsum("bihd,bjhd->bhij", q2[..., :4], cold[..., :4]) / 2
     theta = fwd_op(q2, cold, v, 6, 4, False, "reference")[2]
-    w = torch.softmax((s1 + s2).masked_fill(s1 <= theta[..., None], -math.inf), -1)
+    keep = s1 > theta[..., None]
+    w = torch.softmax((s1 + s2).masked_fill(~keep, -math.inf), -1)
     assert max_abs_err(out, (w @ v.transpose(1, 2)).transpose(1, 2)) < 1e-10
-    assert torch.equal(kept, (s1 > theta[..., None]).sum(-1))
+    without_gate = torch.softmax(s1.masked_fill(~keep, -math.inf), -1)   # what a gate lost to 0/0 would give
+    assert max_abs_err(out, (without_gate @ v.transpose(1, 2)).transpose(1, 2)) > 0.05
+    assert torch.equal(kept, keep.sum(-1))
+
+
+def underflowing_gates(q, k, r=4, seed=0):
+    """q, k whose gate scores s2_ij = −(100 + 3·u_j), u_j uniform per key: every softplus(s2) below float32's
+    normal range, yet the gates differ by up to e³ between keys. -> (q, k, s2 (B, H, S_q, S_k))."""
+    g = torch.Generator().manual_seed(seed)
+    head_dim = q.shape[-1]
+    q2, k2 = q.clone(), k.clone()
+    q2[..., r:] = 0.0
+    q2[..., r] = 1.0
+    k2[..., r:] = 0.0
+    u = torch.rand(k.shape[1], generator=g, dtype=torch.float64).to(k.dtype)
+    k2[..., r] = -(100 + 3 * u)[None, :, None] * math.sqrt(head_dim - r)
+    s2 = -(100 + 3 * u).expand(q.shape[0], q.shape[2], q.shape[1], -1)
+    return q2, k2, s2
+
+
+@cpu
+def test_tied_scores_keep_every_key():
+    """Identical keys: the mean of equal scores rounds, leaving a rounding-level σ; it counts as σ = 0, so
+    every visible key is kept (not none, and not an arbitrary few)."""
+    for dtype in (torch.float64, torch.float32):
+        q, k, v = inputs((1, 9, 333, 2, 16), dtype=dtype, seed=12)
+        k[:] = k[:, :1]                                          # one key, repeated
+        _, kept = zigspark.spark_attention(q, k, v, 7, 4, causal=False, return_kept=True)
+        assert (kept == 333).all(), (dtype, kept)
 
 
 @cpu
@@ -213,6 +236,18 @@ def check_equal_scores_keep_every_key(device, backend):
 @cpu
 def test_equal_scores_keep_every_key():
     check_equal_scores_keep_every_key(torch.device("cpu"), "reference")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("split", [False, True])
+def test_triton_tied_scores_keep_every_key(triton_device, monkeypatch, split):
+    from zigspark.triton_kernels import spark_attention as kernels
+
+    monkeypatch.setattr(kernels, "MIN_KEYS_PER_SPLIT", 16 if split else 10**9)
+    q, k, v = (t.to(triton_device) for t in inputs((1, 9, 333, 2, 16), dtype=torch.float32, seed=12))
+    k[:] = k[:, :1]                       # 333: a ragged last tile, whose mean leaves a rounding-level M2
+    _, kept = zigspark.spark_attention(q, k, v, 7, 4, causal=False, return_kept=True, backend="triton")
+    assert (kept == 333).all(), kept
 
 
 @pytest.mark.interpret
@@ -387,10 +422,11 @@ def test_triton_renormalized_gate_and_sample_std(triton_device, small_tiles, dty
 @pytest.mark.interpret
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # sigmoid/g where g = 0, unselected
 def test_triton_renormalized_gate_underflow(triton_device):
-    """Every gate below softplus's underflow: the kernels' log g = s2 keeps W = softmax(s1 + s2) finite."""
-    q, k, v = (t.float().to(triton_device) for t in inputs((1, 20, 20, 2, 16), seed=8))
-    k[..., 4:] = 1e3 * q[:, :1, :, 4:].sign()
-    q[..., 4:] = -q[:, :1, :, 4:].sign() * q[..., 4:].abs().clamp_min(0.5)
+    """Every gate below softplus's underflow, differing per key: the kernels' log g = s2 gives
+    W = softmax(s1 + s2), finite, as the reference does."""
+    q, k, v = inputs((1, 20, 20, 2, 16), dtype=torch.float32, seed=8)
+    q, k, _ = underflowing_gates(q, k)
+    q, k, v = (t.to(triton_device) for t in (q, k, v))
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     results = []
     for backend in ("triton", "reference"):
@@ -423,7 +459,7 @@ def split_decode(monkeypatch):
 def decode_splits(kernels, case, dtype, device):
     b, sq, sk, h, d, r, *_ = case
     cfg = kernels._config(d, r, sq, sk, dtype == torch.float32, "decode")
-    return kernels.split_keys(b, h, sq, sk, cfg["BLOCK_N"], device)[1]
+    return kernels.split_keys(b, h, sq, sk, cfg, device)[1]
 
 
 @pytest.mark.interpret
@@ -435,6 +471,14 @@ def test_triton_split_key_decode_matches_reference(triton_device, split_decode, 
     the backward then runs the usual kernels on the θ and lse it wrote."""
     assert decode_splits(split_decode, case, dtype, triton_device) > 1, "construction: the case must split"
     check_spark_backend(triton_device, dtype, case, **options)
+
+
+@pytest.mark.interpret
+def test_triton_split_key_decode_in_batch_slices_and_wide_rows(triton_device, split_decode, small_grid, wide_rows):
+    """The split-key kernels launched per slice of the batch (grid limit) and with int64 row addressing."""
+    case = (3, 2, 150, 2, 16, 4, 5, True)
+    assert decode_splits(split_decode, case, torch.float16, triton_device) > 1
+    check_spark_backend(triton_device, torch.float16, case, renormalize_gate=True)
 
 
 @pytest.mark.interpret
@@ -592,6 +636,13 @@ GPU_DECODE_CASES = [  # batch, seqlen_q, seqlen_k, heads, head_dim, r, top_k, ca
     (2, 16, 8192, 4, 64, 16, 256, True),
     (1, 7, 5000, 2, 256, 64, 100, False),
 ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_triton_split_key_decode_renormalized_gate(dtype):
+    check_spark_backend(torch.device("cuda"), dtype, GPU_DECODE_CASES[1], rel_floor=1e-4, std_correction=1.0,
+                        renormalize_gate=True)
 
 
 @pytest.mark.gpu

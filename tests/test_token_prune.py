@@ -214,7 +214,7 @@ def test_bad_inputs():
         (dict(always_keep=[[0, 1], [2, 3], [4, 5]]),
          r"always_keep must be 1-D .* or \(batch, m\) = \(2, m\) .* got shape \(3, 2\)"),
         (dict(always_keep=torch.zeros(2, 1, 1, dtype=torch.long), strategy="random"), "always_keep must be 1-D"),
-        (dict(always_keep=[-2]), r"always_keep indices must be in \[0, 12\) \(-1 entries are padding\), got \[-2\]"),
+        (dict(always_keep=torch.tensor([-2])), r"always_keep indices must be in \[0, 12\) \(-1 entries are padding\), got \[-2\]"),
         (dict(always_keep=[[0, 1, 2, 3, 4], [0, -1, -1, -1, 0]]), "5 distinct indices in sample 0 but keep is 4"),
         (dict(always_keep=[[0, -1], [1, 2, 3, 4, 5, 6][:2]], keep=1, strategy="attention"),
          "2 distinct indices in sample 1 but keep is 1"),
@@ -224,6 +224,13 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match=match):
             zigspark.hiprune_select(args.pop("obj_scores"), args.pop("deep_scores"), args.pop("grid"),
                                     args.pop("keep"), **args)
+    with pytest.raises(ValueError, match=r"in \[0, 12\), got \[0, -1\]: negative indices do not count from the end .* "
+                                         "write 11 for the last token"):
+        zigspark.hiprune_select(obj, deep, (3, 4), 4, always_keep=[0, -1])
+    padded = zigspark.hiprune_select(obj, deep, (3, 4), 4, always_keep=torch.tensor([5, -1]))   # a tensor: padding
+    assert torch.equal(padded, zigspark.hiprune_select(obj, deep, (3, 4), 4, always_keep=[5]))
+    shared = zigspark.hiprune_select(obj, deep, (3, 4), 4, always_keep=torch.tensor([[5, 2]]))  # (1, m): every sample
+    assert torch.equal(shared, zigspark.hiprune_select(obj, deep, (3, 4), 4, always_keep=[2, 5]))
     for always in ([0.5], torch.tensor([True]), [[1.0]]):
         with pytest.raises(TypeError, match="always_keep must hold integer token indices"):
             zigspark.hiprune_select(obj, deep, (3, 4), 4, always_keep=always)

@@ -60,6 +60,7 @@ from .._alloc import new_output, new_output_like
 from . import _grid
 # flash attention's mask, Δ pass and row addressing
 from .attention import _attn_bwd_delta_kernel, _batch_head, _dot, _rows, _visible, wide
+from .spark_ffn import CONSTANT_SPREAD  # σ ≤ this·|μ| is σ = 0 (reference: TIED_SPREAD)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global, so jit code may read it
 
@@ -168,9 +169,10 @@ def _moments(q1, k_base, key_start, key_end, offs_m, sk_s, seqlen_q, seqlen_k, s
 @triton.jit
 def _theta(count, mean, m2, z):
     """θ = μ + σ·z; −∞ (keep every visible key) where n_i ≤ top_k (z = −∞) or all scores are equal (σ = 0:
-    s1 > θ would keep none)."""
+    s1 > θ would keep none; σ ≤ 2⁻¹⁶·|μ| counts as 0, as in the reference: equal scores leave a
+    rounding-level σ)."""
     std = tl.sqrt_rn(tl.div_rn(m2, tl.maximum(count, 1.0)))
-    dense = (z == float("-inf")) | (m2 == 0.0)
+    dense = (z == float("-inf")) | (std <= CONSTANT_SPREAD * tl.abs(mean))
     return tl.where(dense, float("-inf"), mean + std * tl.where(dense, 0.0, z))
 
 
@@ -531,17 +533,18 @@ DECODE_MAX_QUERIES = 16     # the split-key forward holds all the queries in one
 MIN_KEYS_PER_SPLIT = 256    # a chunk shorter than this costs more in its partials than it saves
 
 
-def split_keys(batch: int, heads: int, seqlen_q: int, seqlen_k: int, block_n: int, device) -> tuple[int, int]:
+def split_keys(batch: int, heads: int, seqlen_q: int, seqlen_k: int, cfg: dict, device) -> tuple[int, int]:
     """(chunk, splits) of the keys for the split-key forward: about 4 programs per SM over batch·heads·splits,
     each chunk whole BLOCK_N tiles and at least MIN_KEYS_PER_SPLIT keys; (seqlen_k, 1) — no split — when
-    there are more than DECODE_MAX_QUERIES queries or the batch already fills the GPU."""
-    if seqlen_q > DECODE_MAX_QUERIES:
+    there are more queries than one block of the decode tiles holds (the split kernels have no query-block
+    axis) or the batch already fills the GPU."""
+    if seqlen_q > min(DECODE_MAX_QUERIES, cfg["BLOCK_M"]):
         return seqlen_k, 1
     wanted = triton.cdiv(4 * _cuda.multiprocessor_count(device), batch * heads)
     splits = max(1, min(wanted, seqlen_k // MIN_KEYS_PER_SPLIT))
     if splits == 1:
         return seqlen_k, 1
-    return _grid.split_range(seqlen_k, splits, block_n)
+    return _grid.split_range(seqlen_k, splits, cfg["BLOCK_N"])
 
 
 def _config(head_dim: int, r: int, seqlen_q: int, seqlen_k: int, fp32: bool, phase: str) -> dict:
@@ -590,7 +593,7 @@ def spark_attention_fwd(q, k, v, top_k: int, r: int, causal: bool, scale1: float
     long_rows = wide(q, k, v, out)
     flags = dict(CAUSAL=causal, IEEE=ieee, WIDE=long_rows)
     decode = _config(head_dim, r, seqlen_q, seqlen_k, ieee, "decode")
-    chunk, splits = split_keys(batch, heads, seqlen_q, seqlen_k, decode["BLOCK_N"], q.device)
+    chunk, splits = split_keys(batch, heads, seqlen_q, seqlen_k, decode, q.device)
     if splits > 1:
         _split_fwd(q, k, v, z, theta, out, lse, kept, r, scale1, scale2, chunk, splits, bool(renormalize_gate),
                    decode, flags)
@@ -616,9 +619,9 @@ def _split_fwd(q, k, v, z, theta, out, lse, kept, r, scale1, scale2, chunk, spli
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     parts = (batch, heads, splits, seqlen_q)
-    count, mean, m2, part_m, part_l = (torch.empty(parts, dtype=torch.float32, device=q.device) for _ in range(5))
-    part_kept = torch.empty(parts, dtype=torch.int32, device=q.device)
-    part_acc = torch.empty(parts + (cfg["BLOCK_D"],), dtype=torch.float32, device=q.device)
+    count, mean, m2, part_m, part_l = (new_output(parts, torch.float32, q.device) for _ in range(5))
+    part_kept = new_output(parts, torch.int32, q.device)
+    part_acc = new_output(parts + (cfg["BLOCK_D"],), torch.float32, q.device)
     for s, programs in _grid.batch_slices(batch, heads):
         grid = (splits, programs)
         _split_stats_kernel[grid](

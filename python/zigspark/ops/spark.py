@@ -10,7 +10,8 @@ Spark attention, per head, with q, k split at r (predictor / remainder) and the 
 
     s1_ij = q_i[:r]·k_j[:r] / √r,    s2_ij = q_i[r:]·k_j[r:] / √(D − r)
     keep_ij = s1_ij > θ_i,  θ_i = mean_j s1_ij + std_j s1_ij·Φ⁻¹(1 − top_k/n_i)   (over the n_i visible keys;
-              all visible keys are kept when n_i ≤ top_k, or when std = 0: equal scores all tie at θ)
+              all visible keys are kept when n_i ≤ top_k, or when std = 0: equal scores all tie at θ;
+              std ≤ 2⁻¹⁶·|mean| counts as 0, since the mean of equal scores rounds)
     w_ij = softmax_{j kept}(s1_ij) · softplus(s2_ij),    o_i = Σ_j w_ij·v_j   (o_i = 0 if i sees no key)
     (renormalize_gate=True: w_ij = softmax_{j kept}(s1_ij + log softplus(s2_ij)), i.e. w / Σ_j w)
 
@@ -40,8 +41,8 @@ is an inactive neuron. The sparse path is the custom op ``zigspark::spark_ffn_in
 weights -> out and the mask; no autograd: it is for inference); ``zigspark::spark_ffn_sparse`` is its
 second half, for a caller that holds the gate already.
 
-Spark attention is registered as ``zigspark::spark_attention_fwd`` (→ out, lse of the kept predictor
-scores, θ, kept counts) and ``zigspark::spark_attention_bwd`` (→ dq, dk, dv; the mask carries no
+Spark attention is registered as ``zigspark::spark_attention_fwd`` (→ out, lse of the kept keys' softmax
+logits — s1, or s1 + log softplus(s2) with renormalize_gate — θ, kept counts) and ``zigspark::spark_attention_bwd`` (→ dq, dk, dv; the mask carries no
 gradient). Backends: the reference (zigspark/reference/spark_attention.py: chunked PyTorch with a
 closed-form backward) and fused Triton kernels (triton_kernels/spark_attention.py: a θ statistics pass, a
 forward that skips key tiles in which no key is selected and reads K[r:] and V only for the keys some
@@ -188,6 +189,7 @@ def spark_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k
     """-> (out (B, S_q, H, D) in q's dtype, lse and θ (B, H, S_q) float32 (float64 for float64 inputs),
     kept (B, H, S_q) int64). lse normalises W: of s1 when the gate multiplies, of s1 + log g when it is
     renormalised."""
+    check_std_correction(std_correction, "spark_attention")
     if backend == "triton":
         return _attn_kernels().spark_attention_fwd(q, k, v, top_k, r, causal, scale1, scale2, std_correction,
                                                    renormalize_gate)

@@ -74,8 +74,9 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
             zigspark.attention_received), N = h·w.
         grid: (h, w).  keep: tokens to keep, 1 ≤ keep ≤ N.  alpha: anchor share (paper: 0.1).
         always_keep: indices kept first (the distinct ones count against the budget), e.g. register/CLS
-            tokens mapped by the caller: 1-D, shared by every sample, or (batch, m), one row per sample, with
-            −1 as padding.
+            tokens mapped by the caller: 1-D, shared by every sample, or (batch, m), one row per sample; in
+            a tensor −1 entries are padding (a flat list with a negative index is refused: it would not
+            count from the end).
         strategy: "hiprune" | "attention" | "random".  generator: for "random".
     """
     check_float_tensor("obj_scores", obj_scores, _DTYPES)
@@ -96,7 +97,7 @@ def hiprune_select(obj_scores, deep_scores, grid, keep, *, alpha=0.1, wrap_rows=
     # the kernels read both rows in one dtype: the wider of the two decides what a backend must support
     chosen = backends.resolve("hiprune_select", backend, device, torch.promote_types(obj_scores.dtype,
                                                                                       deep_scores.dtype))
-    always = None if always_keep is None else _as_always(always_keep, batch, device)
+    always = None if always_keep is None else _as_always(always_keep, batch, n, device)
 
     if strategy in ("random", "attention"):
         # the baselines run in PyTorch, outside the op: they check always_keep here
@@ -140,9 +141,15 @@ def _check_alpha(alpha) -> None:
                          "the paper uses 0.1")
 
 
-def _as_always(always_keep, batch: int, device) -> torch.Tensor:
+def _as_always(always_keep, batch: int, n: int, device) -> torch.Tensor:
     """always_keep as an int64 (1, m) (shared) or (batch, m) (per sample) tensor; values are checked later,
-    inside the op, where they are."""
+    inside the op, where they are. A flat Python list is checked here: a negative index in it is more likely
+    meant to count from the end, as Python's do, than to be padding."""
+    if isinstance(always_keep, (list, tuple)) and any(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                     and i < 0 for i in always_keep):
+        raise ValueError(f"always_keep indices must be in [0, {n}), got {list(always_keep)}: negative indices do not "
+                         f"count from the end here (-1 is the padding of per-sample rows); write {n - 1} for the "
+                         "last token")
     always = torch.as_tensor(always_keep, device=device)
     if always.numel() and (always.dtype == torch.bool or always.is_floating_point() or always.is_complex()):
         raise TypeError(f"always_keep must hold integer token indices, got {always.dtype}")

@@ -8,7 +8,8 @@ aligned; otherwise all S_k of them), n_i of them:
     θ_i   = mean_j s1_ij + σ_i · Φ⁻¹(1 − top_k/n_i),   σ_i² = Σ_j (s1_ij − mean)² / (n_i − std_correction)
             (over the visible keys; std_correction 0: the population std, 1: the sample std;
             θ_i = −∞, every visible key kept, when n_i ≤ top_k, and when σ = 0: all the scores tie
-            at the mean, and s1 > θ would keep none of them)
+            at the mean, and s1 > θ would keep none of them; σ ≤ 2⁻¹⁶·|mean| counts as 0, since the
+            mean of equal scores rounds and leaves a rounding-level σ)
     keep_ij = visible_ij ∧ s1_ij > θ_i,   g_ij = softplus(s2_ij)
     gate multiplies (default):   lse_i = log Σ_{j kept} exp(s1_ij),   P_ij = exp(s1_ij − lse_i),   W = P ⊙ g
     gate renormalised:           t = s1 + log g,   lse_i = log Σ_{j kept} exp(t_ij),   W_ij = exp(t_ij − lse_i)
@@ -71,6 +72,7 @@ def quantile_z(n_visible: torch.Tensor, top_k: int, dtype: torch.dtype, std_corr
     return torch.where(n > top_k, z, torch.full_like(z, -math.inf))
 
 
+TIED_SPREAD = 2.0 ** -16  # σ ≤ this·|mean|: the scores are equal up to rounding (the kernels use the same)
 LOG_GATE_CUTOFF = -80.0  # below it log softplus(s2) = s2 to far below any ulp, and softplus nears underflow
 
 
@@ -127,7 +129,7 @@ def _threshold(s1, visible, z):
         mean = (s1 * vis_f).sum(-1, keepdim=True) / n
         var = (s1 - mean).mul_(vis_f).square_().sum(-1, keepdim=True) / n
     z = z[:, None]
-    dense = (z == -math.inf) | (var == 0)
+    dense = (z == -math.inf) | (var <= (TIED_SPREAD * mean).square())
     return torch.where(dense, torch.full_like(mean, -math.inf), mean + z * var.sqrt())
 
 
