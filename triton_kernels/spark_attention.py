@@ -37,9 +37,10 @@ Kernels (one program per (query or key block, batch·head)):
               moments and partial softmaxes merged in chunk order (section "decode" below).
   _delta      Δ_i = dO_i·o_i from the stored o (rounded to the output dtype, as in flash attention).
   _bwd_dkdv   per key block, loop over query blocks: recompute s1, mask, P = e^{s1 − lse}, s2; a tile with
-              no kept pair is skipped before q[r:] and dO are loaded.
+              no kept pair is skipped before q[r:] and dO are loaded, and otherwise only the rows of
+              queries that keep some key of the block are.
   _bwd_dq     per query block, loop over key blocks: the same recomputation; an empty tile is skipped
-              before K[r:] and V are loaded.
+              before K[r:] and V are loaded, and otherwise only kept keys' rows are.
 
 Tiles: the predictor part is padded to BLOCK_R = max(16, 2^⌈log2 r⌉) and the rest to BLOCK_E, with masked
 zero loads, so any r in 1..D−1 and any D up to 256 works and s1 costs r, not D, multiply-adds per pair.
@@ -444,8 +445,9 @@ def _bwd_dkdv_kernel(
         theta = tl.load(THETA + bh * seqlen_q + offs_m, mask=m_ok, other=float("inf"))
         s1, keep = _predictor(q1, k1t, theta, offs_m, offs_n, seqlen_q, seqlen_k, scale1, CAUSAL, IEEE)
         if tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0) > 0:
-            q2 = _tile(q_base, m0, offs_m, sq_s, seqlen_q, r, offs_e, rest, WIDE)
-            do = _tile(do_base, m0, offs_m, sdo_s, seqlen_q, 0, offs_d, head_dim, WIDE)
+            active = tl.max(keep.to(tl.int32), axis=1) > 0    # queries keeping some key of the block: the
+            q2 = _tile_rows(q_base, m0, offs_m, sq_s, active, r, offs_e, rest, WIDE)   # only q[r:], dO rows read
+            do = _tile_rows(do_base, m0, offs_m, sdo_s, active, 0, offs_d, head_dim, WIDE)
             lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=m_ok, other=0.0)
             s2 = _dot(q2, k2t, IEEE) * scale2
@@ -498,8 +500,9 @@ def _bwd_dq_kernel(
         k1t = _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, 0, offs_r, r, WIDE)
         s1, keep = _predictor(q1, k1t, theta, offs_m, offs_n, seqlen_q, seqlen_k, scale1, CAUSAL, IEEE)
         if tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0) > 0:
-            k2t = _tile_t(k_base, start_n, offs_n, sk_s, seqlen_k, r, offs_e, rest, WIDE)
-            vt = _tile_t(v_base, start_n, offs_n, sv_s, seqlen_k, 0, offs_d, head_dim, WIDE)
+            used = tl.max(keep.to(tl.int32), axis=0) > 0      # keys some query keeps: the only K[r:], V rows read
+            k2t = _tile_t_rows(k_base, start_n, offs_n, sk_s, used, r, offs_e, rest, WIDE)
+            vt = _tile_t_rows(v_base, start_n, offs_n, sv_s, used, 0, offs_d, head_dim, WIDE)
             s2 = _dot(q2, k2t, IEEE) * scale2
             _, ds1, ds2 = _score_grads(s1, keep, s2, lse, delta, _dot(do, vt, IEEE), RENORM)
             dq1 += _dot(ds1.to(k1t.dtype), tl.trans(k1t), IEEE)
