@@ -1,6 +1,6 @@
 # zigspark: the commands a newcomer and CI run. See README.md.
 #   make demo       the main job: recognizer + ZigMa on digits, samples, metrics (DEMO_SIZE=full on a GPU)
-#   make check      check every available backend of every op against the reference
+#   make check      every available backend of the ops with continuous outputs vs the reference (README)
 #   make test       fresh/updated .venv, install, then the cpu, build, emulate, compile, interpret (and gpu) tiers
 #   make bench      run every benchmark on the present device, results into benchmarks/results/
 #   make report     BENCHMARKS.md + plots + python/zigspark/auto_backends.json from the committed results

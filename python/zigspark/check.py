@@ -1,5 +1,9 @@
 """`zigspark check`: every available backend of every op against the float64 reference.
 
+The ops with continuous outputs: stat_topk, selective_scan, causal_conv1d, flash_attention,
+attention_received and sparse spark_ffn. spark_attention (its key selection flips within rounding of θ)
+and hiprune_select (exact indices) are checked in the test tiers instead.
+
 For each op, backend and dtype: the largest forward and backward error (relative to the largest value)
 against the reference run in float64, the same error of the reference run in that dtype (the numerics rule's yardstick: a kernel
 passes when its error is at most 2x the reference's own, gradients 3x, plus a small floor), and the time
